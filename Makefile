@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build by default; e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124" for CUDA.
+TORCH_SPEC ?= torch==2.13.0
+FASHION_DIR ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: venv test demo fashion-data clean-venv bench
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) scripts/demo.py
+
+fashion-data:
+	@test -d $(FASHION_DIR) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+bench: venv
+	$(PY) benchmarks/benchmark_sampling.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,152 @@
+"""
+Self-Attention Guidance (Hong et al., arXiv 2210.00939): which block to read,
+when to guide, and how strongly.
+
+:class:`SelfAttentionGuidance` is handed to the samplers
+(``p_sample_loop(..., sag=...)``, ``ddim_sample_loop(..., sag=...)``); the
+guided step itself is ``GaussianDiffusion.guided_p_mean_variance``, and the
+pure maths lives in :mod:`improved_diffusion.sag_ops`.
+"""
+
+import math
+
+from .attention_capture import AttentionCapture
+from . import sag_ops
+
+BLOCK_PARTS = ("input", "middle", "output")
+
+
+class SAGConfigError(ValueError):
+    """An invalid SAG setting (raised before any sampling)."""
+
+
+def sag_defaults():
+    """The seed's SAG flags and their defaults."""
+    return dict(
+        guide_scale=1.5,
+        guide_start=250,
+        sel_attn_block="output",
+        sel_attn_depth=2,
+        blur_sigma=9.0,
+        classifier_guidance=False,
+        sag_true_attention=False,
+    )
+
+
+def valid_choices(model):
+    """A readable list of the blocks of `model` that have attention."""
+    blocks = model.attention_blocks()
+    parts = []
+    for part in BLOCK_PARTS:
+        depths = sorted(i for (p, i) in blocks if p == part)
+        if not depths:
+            continue
+        if part == "middle":
+            parts.append("--sel_attn_block middle")
+        else:
+            parts.append(
+                f"--sel_attn_block {part} with --sel_attn_depth "
+                + ",".join(str(d) for d in depths)
+            )
+    return "; ".join(parts)
+
+
+class SelfAttentionGuidance:
+    """
+    SAG settings bound to one model.
+
+    :param model: the UNetModel being sampled (its attention block is hooked).
+    :param scale: guide_scale s; 1 means no guidance (the second pass is skipped).
+    :param start: a step with respaced index i is guided when start > i.
+    :param block: "output", "middle" or "input".
+    :param depth: index of the block in that part (ignored for "middle").
+    :param blur_sigma: standard deviation of the blur, in pixels (> 0).
+    :param num_heads: the ``--num_heads`` flag. The published map splits qkv
+        into this many heads in the legacy layout, whatever the block really
+        runs (SAG-NOTES item 4). Required unless true_attention.
+    :param true_attention: if True, use the attention the block really
+        computes (its own head count and layout) instead of the published map.
+    :param separable_blur: apply the blur as two 1-D passes.
+    """
+
+    def __init__(
+        self,
+        model,
+        scale=1.5,
+        start=250,
+        block="output",
+        depth=2,
+        blur_sigma=9.0,
+        num_heads=None,
+        true_attention=False,
+        separable_blur=False,
+    ):
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise SAGConfigError(f"--guide_scale must be a finite number, got {scale}")
+        blur_sigma = float(blur_sigma)
+        if not (math.isfinite(blur_sigma) and blur_sigma > 0):
+            raise SAGConfigError(f"--blur_sigma must be a number > 0, got {blur_sigma}")
+        if block not in BLOCK_PARTS:
+            raise SAGConfigError(
+                f"--sel_attn_block must be one of {', '.join(BLOCK_PARTS)}, got {block!r}"
+            )
+        key = ("middle", 0) if block == "middle" else (block, int(depth))
+        blocks = model.attention_blocks()
+        if key not in blocks:
+            where = "the middle block" if block == "middle" else f"{block}_blocks[{depth}]"
+            raise SAGConfigError(
+                f"{where} has no attention layer in this model; choose {valid_choices(model)}"
+            )
+        self.block = blocks[key]
+        self.location = key
+        if not true_attention:
+            if num_heads is None:
+                raise SAGConfigError("the published attention map needs the --num_heads flag")
+            width = self.block.channels
+            if width % num_heads:
+                raise SAGConfigError(
+                    f"--num_heads {num_heads} does not divide the {width} channels of "
+                    f"{block} block {depth}; pass --sag_true_attention True"
+                )
+        self.scale = scale
+        self.start = int(start)
+        self.blur_sigma = blur_sigma
+        self.num_heads = num_heads
+        self.true_attention = bool(true_attention)
+        self.separable_blur = separable_blur
+
+    @classmethod
+    def from_args(cls, model, args):
+        """Build from parsed script flags (sag_defaults() plus num_heads)."""
+        return cls(
+            model,
+            scale=args.guide_scale,
+            start=args.guide_start,
+            block=args.sel_attn_block,
+            depth=args.sel_attn_depth,
+            blur_sigma=args.blur_sigma,
+            num_heads=getattr(args, "num_heads", None),
+            true_attention=getattr(args, "sag_true_attention", False),
+        )
+
+    def applies(self, t):
+        """Whether the step at respaced index t (a batch tensor or int) is guided."""
+        if self.scale == 1.0:
+            return False
+        index = int(t[0]) if hasattr(t, "shape") and len(t.shape) else int(t)
+        return self.start > index
+
+    def capture(self):
+        """A fresh AttentionCapture on the chosen block, with this map's head split."""
+        if self.true_attention:
+            return AttentionCapture(self.block)
+        return AttentionCapture(self.block, num_heads=self.num_heads, legacy=True)
+
+    def mask(self, capture, x_shape):
+        """The [N x C x H x W] SAG mask from a capture of the first pass."""
+        if capture.weights is None:
+            raise RuntimeError(
+                f"no attention was captured at {self.location}: did the model run?"
+            )
+        return sag_ops.attention_mask(capture.weights, x_shape[0], tuple(x_shape[1:]))

@@ -1,0 +1,362 @@
+"""
+The diffusion training loop (guided-diffusion's TrainLoop).
+
+Step counting: ``self.step`` counts the optimizer steps taken by this run and
+``self.resume_step`` those restored from a checkpoint, so a checkpoint named
+``modelNNNNNN.pt`` holds the weights after exactly NNNNNN steps, and resuming
+from it continues with step NNNNNN + 1.
+"""
+
+import copy
+import functools
+import os
+import secrets
+import time
+
+import blobfile as bf
+import torch as th
+from torch.nn.parallel.distributed import DistributedDataParallel as DDP
+from torch.optim import AdamW
+
+from . import dist_util, logger
+from .fp16_util import MixedPrecisionTrainer
+from .nn import update_ema
+from .resample import LossAwareSampler, UniformSampler
+
+
+class TrainLoop:
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        ema_rate,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        max_steps=0,
+    ):
+        """
+        :param data: an iterator of (batch, cond) pairs, as from load_data().
+        :param batch_size: the per-rank batch size.
+        :param microbatch: split each batch into chunks of this size for the
+            forward/backward passes (gradients accumulate); <= 0 disables.
+        :param ema_rate: a float or a comma-separated string of floats.
+        :param resume_checkpoint: path of a ``modelNNNNNN.pt`` to resume from
+            (the matching ``optNNNNNN.pt`` and ``ema_<rate>_NNNNNN.pt`` next to
+            it are loaded too when present), or "" to start fresh.
+        :param lr_anneal_steps: if > 0, anneal the lr linearly to 0 and stop
+            after this many (global) steps.
+        :param max_steps: if > 0, stop after this many steps of this run.
+        """
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rate = (
+            [float(ema_rate)]
+            if isinstance(ema_rate, (int, float))
+            else [float(x) for x in str(ema_rate).split(",") if x.strip()]
+        )
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.resume_checkpoint = resume_checkpoint
+        self.use_fp16 = use_fp16
+        self.fp16_scale_growth = fp16_scale_growth
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+        self.max_steps = max_steps
+
+        self.step = 0
+        self.resume_step = 0
+        self.global_batch = self.batch_size * dist_util.get_world_size()
+
+        self._load_and_sync_parameters()
+        self.mp_trainer = MixedPrecisionTrainer(
+            model=self.model,
+            use_fp16=self.use_fp16,
+            fp16_scale_growth=fp16_scale_growth,
+        )
+
+        self.opt = AdamW(
+            self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay
+        )
+        if self.resume_step:
+            self._load_optimizer_state()
+            # Model was resumed, either due to a restart or a checkpoint
+            # being specified at the command line.
+            self.ema_params = [self._load_ema_parameters(rate) for rate in self.ema_rate]
+        else:
+            self.ema_params = [
+                copy.deepcopy(self.mp_trainer.master_params) for _ in range(len(self.ema_rate))
+            ]
+
+        if dist_util.is_distributed():
+            self.use_ddp = True
+            device = dist_util.dev()
+            device_ids = [device] if device.type == "cuda" else None
+            self.ddp_model = DDP(
+                self.model,
+                device_ids=device_ids,
+                output_device=device_ids[0] if device_ids else None,
+                broadcast_buffers=False,
+                bucket_cap_mb=128,
+                find_unused_parameters=False,
+            )
+        else:
+            self.use_ddp = False
+            self.ddp_model = self.model
+
+        self._last_log_time = time.time()
+        self._last_log_step = 0
+
+    # ------------------------------------------------------------------
+    # Resuming
+    # ------------------------------------------------------------------
+
+    def _main_checkpoint(self):
+        return find_resume_checkpoint() or self.resume_checkpoint
+
+    def _load_and_sync_parameters(self):
+        resume_checkpoint = self._main_checkpoint()
+        if resume_checkpoint:
+            self.resume_step = parse_resume_step_from_filename(resume_checkpoint)
+            logger.log(f"loading model from checkpoint: {resume_checkpoint}...")
+            # Every rank calls load_state_dict: it broadcasts rank 0's bytes.
+            self.model.load_state_dict(
+                dist_util.load_state_dict(resume_checkpoint, map_location=dist_util.dev())
+            )
+        dist_util.sync_params(self.model.parameters())
+
+    def _load_ema_parameters(self, rate):
+        ema_params = copy.deepcopy(self.mp_trainer.master_params)
+        ema_checkpoint = find_ema_checkpoint(self._main_checkpoint(), self.resume_step, rate)
+        if ema_checkpoint:
+            logger.log(f"loading EMA from checkpoint: {ema_checkpoint}...")
+            state_dict = dist_util.load_state_dict(ema_checkpoint, map_location=dist_util.dev())
+            ema_params = self.mp_trainer.state_dict_to_master_params(state_dict)
+        else:
+            logger.warn(f"no EMA checkpoint for rate {rate} at step {self.resume_step}; "
+                        "starting the EMA from the model weights")
+        dist_util.sync_params(ema_params)
+        return ema_params
+
+    def _load_optimizer_state(self):
+        opt_checkpoint = bf.join(
+            bf.dirname(self._main_checkpoint()), f"opt{self.resume_step:06}.pt"
+        )
+        if bf.exists(opt_checkpoint):
+            logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
+            state_dict = dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev())
+            # Extra key written by save() for fp16 runs (absent in upstream files).
+            lg_loss_scale = state_dict.pop("lg_loss_scale", None)
+            if self.use_fp16 and lg_loss_scale is not None:
+                self.mp_trainer.lg_loss_scale = float(lg_loss_scale)
+            self.opt.load_state_dict(state_dict)
+        else:
+            logger.warn(f"no optimizer checkpoint {opt_checkpoint}; fresh optimizer state")
+
+    # ------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------
+
+    def _should_continue(self):
+        if self.lr_anneal_steps and self.step + self.resume_step >= self.lr_anneal_steps:
+            return False
+        if self.max_steps and self.step >= self.max_steps:
+            return False
+        return True
+
+    def run_loop(self):
+        while self._should_continue():
+            batch, cond = next(self.data)
+            self.run_step(batch, cond)
+            global_step = self.step + self.resume_step
+            if global_step % self.log_interval == 0:
+                self._log_speed()
+                logger.dumpkvs()
+            if global_step % self.save_interval == 0:
+                self.save()
+                # Run for a finite amount of time in integration tests.
+                if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
+                    return
+        # Save the last checkpoint if it wasn't already saved.
+        if self.step > 0 and (self.step + self.resume_step) % self.save_interval != 0:
+            self.save()
+
+    def run_step(self, batch, cond):
+        """One optimizer step (forward/backward over all microbatches)."""
+        self.forward_backward(batch, cond)
+        took_step = self.mp_trainer.optimize(self.opt)
+        if took_step:
+            self._update_ema()
+        self.step += 1
+        self._anneal_lr()
+        self.log_step()
+
+    def forward_backward(self, batch, cond):
+        self.mp_trainer.zero_grad()
+        for i in range(0, batch.shape[0], self.microbatch):
+            micro = batch[i : i + self.microbatch].to(dist_util.dev())
+            micro_cond = {
+                k: v[i : i + self.microbatch].to(dist_util.dev()) for k, v in cond.items()
+            }
+            last_batch = (i + self.microbatch) >= batch.shape[0]
+            t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
+
+            compute_losses = functools.partial(
+                self.diffusion.training_losses,
+                self.ddp_model,
+                micro,
+                t,
+                model_kwargs=micro_cond,
+            )
+
+            if last_batch or not self.use_ddp:
+                losses = compute_losses()
+            else:
+                with self.ddp_model.no_sync():
+                    losses = compute_losses()
+
+            if isinstance(self.schedule_sampler, LossAwareSampler):
+                self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+
+            loss = (losses["loss"] * weights).mean()
+            log_loss_dict(self.diffusion, t, {k: v * weights for k, v in losses.items()})
+            self.mp_trainer.backward(loss)
+
+    def _update_ema(self):
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            update_ema(params, self.mp_trainer.master_params, rate=rate)
+
+    def _anneal_lr(self):
+        """Set the lr for the next step: lr * (1 - steps_done / lr_anneal_steps)."""
+        if not self.lr_anneal_steps:
+            return
+        frac_done = (self.step + self.resume_step) / self.lr_anneal_steps
+        lr = self.lr * max(0.0, 1 - frac_done)
+        for param_group in self.opt.param_groups:
+            param_group["lr"] = lr
+
+    def log_step(self):
+        logger.logkv("step", self.step + self.resume_step)
+        logger.logkv("samples", (self.step + self.resume_step) * self.global_batch)
+
+    def _log_speed(self):
+        now = time.time()
+        steps = self.step - self._last_log_step
+        if steps > 0 and now > self._last_log_time:
+            logger.logkv("steps_per_sec", steps / (now - self._last_log_time))
+        self._last_log_time, self._last_log_step = now, self.step
+
+    # ------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------
+
+    def save(self):
+        """Write model, EMA and optimizer checkpoints (rank 0), then barrier."""
+        global_step = self.step + self.resume_step
+        if dist_util.is_main_process():
+            logdir = get_blob_logdir()
+
+            def save_checkpoint(rate, params):
+                state_dict = self.mp_trainer.master_params_to_state_dict(params)
+                logger.log(f"saving model {rate}...")
+                if not rate:
+                    filename = f"model{global_step:06d}.pt"
+                else:
+                    filename = f"ema_{rate}_{global_step:06d}.pt"
+                _atomic_save(state_dict, bf.join(logdir, filename))
+
+            save_checkpoint(0, self.mp_trainer.master_params)
+            for rate, params in zip(self.ema_rate, self.ema_params):
+                save_checkpoint(rate, params)
+            opt_state = self.opt.state_dict()
+            if self.use_fp16:
+                opt_state["lg_loss_scale"] = float(self.mp_trainer.lg_loss_scale)
+            _atomic_save(opt_state, bf.join(logdir, f"opt{global_step:06d}.pt"))
+
+        dist_util.barrier()
+
+
+def _atomic_save(obj, path):
+    """th.save to a temporary file in the same folder, then os.replace it."""
+    if "://" in path:  # remote blob storage: no rename; write directly
+        with bf.BlobFile(path, "wb") as f:
+            th.save(obj, f)
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp_path = os.path.join(
+        directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    )
+    try:
+        with open(tmp_path, "xb") as f:
+            th.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_path)
+        except OSError:
+            pass
+        raise
+
+
+def parse_resume_step_from_filename(filename):
+    """
+    Parse filenames of the form path/to/modelNNNNNN.pt, where NNNNNN is the
+    checkpoint's number of steps.
+    """
+    split = bf.basename(filename).split("model")
+    if len(split) < 2:
+        return 0
+    split1 = split[-1].split(".")[0]
+    try:
+        return int(split1)
+    except ValueError:
+        return 0
+
+
+def get_blob_logdir():
+    # You can change this to be a separate path to save checkpoints to
+    # a blobstore or some external drive.
+    return logger.get_dir()
+
+
+def find_resume_checkpoint():
+    # On your infrastructure, you may want to override this to automatically
+    # discover the latest checkpoint on your blob storage, etc.
+    return None
+
+
+def find_ema_checkpoint(main_checkpoint, step, rate):
+    if not main_checkpoint:
+        return None
+    filename = f"ema_{rate}_{(step):06d}.pt"
+    path = bf.join(bf.dirname(main_checkpoint), filename)
+    if bf.exists(path):
+        return path
+    return None
+
+
+def log_loss_dict(diffusion, ts, losses):
+    for key, values in losses.items():
+        logger.logkv_mean(key, values.mean().item())
+        # Log the quantiles (four quartiles, in particular).
+        for sub_t, sub_loss in zip(ts.cpu().numpy(), values.detach().cpu().numpy()):
+            quartile = int(4 * sub_t / diffusion.num_timesteps)
+            logger.logkv_mean(f"{key}_q{quartile}", sub_loss)

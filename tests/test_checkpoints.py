@@ -1,0 +1,57 @@
+"""Every published architecture is rebuilt name for name, shape for shape, in order."""
+
+import argparse
+import json
+import os
+import shlex
+
+import pytest
+import torch as th
+
+from improved_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    classifier_defaults,
+    create_classifier,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def _manifest_entries():
+    entries = []
+    for name in ("guided_diffusion.json", "improved_diffusion.json"):
+        with open(os.path.join(DATA, name)) as f:
+            for key, entry in json.load(f).items():
+                entries.append(pytest.param(entry, id=key))
+    return entries
+
+
+def build_from_flags(flags, kind):
+    defaults = model_and_diffusion_defaults()
+    defaults.update(classifier_defaults())
+    parser = argparse.ArgumentParser()
+    add_dict_to_argparser(parser, defaults)
+    args = parser.parse_args(shlex.split(flags))
+    with th.device("meta"):
+        if kind == "classifier":
+            return create_classifier(**args_to_dict(args, classifier_defaults().keys()))
+        model, _ = create_model_and_diffusion(
+            **args_to_dict(args, model_and_diffusion_defaults().keys())
+        )
+        return model
+
+
+def test_thirteen_manifests():
+    assert len(_manifest_entries()) == 13
+
+
+@pytest.mark.parametrize("entry", _manifest_entries())
+def test_published_architecture(entry):
+    model = build_from_flags(entry["flags"], entry["kind"])
+    got = [(name, list(t.shape)) for name, t in model.state_dict().items()]
+    want = [(name, shape) for name, shape, _dtype in entry["params"]]
+    assert [n for n, _ in got] == [n for n, _ in want]
+    assert got == want
