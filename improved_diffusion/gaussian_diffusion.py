@@ -536,6 +536,8 @@ class GaussianDiffusion:
                  - 'sample': a random sample from the model.
                  - 'pred_xstart': a prediction of x_0 (the unguided one).
         """
+        if model_kwargs is None:
+            model_kwargs = {}
         out = self.guided_p_mean_variance(
             model,
             x,
@@ -688,6 +690,8 @@ class GaussianDiffusion:
         Same usage as p_sample(). With `sag`, the guided x_0 prediction is
         used; `cond_fn` then corrects its score (condition_score).
         """
+        if model_kwargs is None:
+            model_kwargs = {}
         out = self.guided_p_mean_variance(
             model,
             x,

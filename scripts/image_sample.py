@@ -67,10 +67,9 @@ def main(argv=None):
 
     logger.log("sampling...")
     path = sample_to_npz(args, draw, args.image_size, log=logger.log)
-    if path is not None:
-        logger.log(f"saving to {path}")
-        print(path)
     logger.log("sampling complete")
+    if path is not None:
+        print(path)  # last line of stdout: where the samples are
 
 
 def create_argparser():
