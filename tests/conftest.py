@@ -4,6 +4,10 @@ import sys
 import pytest
 import torch as th
 
+# In-process model runs: one thread each (oversubscribed OpenMP threads spin;
+# scripts run in subprocesses keep their own settings).
+th.set_num_threads(1)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

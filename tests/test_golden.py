@@ -38,7 +38,10 @@ def run_case(case, tmp_path, extra=()):
     cmd += shlex.split(case["model_flags"]) + shlex.split(case["sag_flags"])
     cmd += ["--model_path", os.path.join(GOLDEN, case["checkpoint"])]
     cmd += shlex.split(case["sample_flags"]) + list(extra)
-    env = dict(os.environ, OPENAI_LOGDIR=str(out))
+    # The headch16 case's mask is knife-edge: pin the thread count the
+    # reference numbers were checked with (1 or 3 threads sum convolutions
+    # in another order and move sample 3 across the threshold).
+    env = dict(os.environ, OPENAI_LOGDIR=str(out), OMP_NUM_THREADS="2")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     (path,) = glob.glob(str(out / "samples_*.npz"))

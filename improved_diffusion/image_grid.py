@@ -1,0 +1,147 @@
+"""
+Pictures written next to the samples: a grid of the first samples, and the
+Self-Attention Guidance figures (mask and blurred prediction per step).
+
+Everything works on uint8 NHWC arrays (the npz format); float tensors in
+[-1, 1] go through :func:`to_pixels` first. PNGs are written atomically.
+"""
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_pixels(x):
+    """
+    A float batch in [-1, 1] (torch NCHW) as uint8 NHWC, with the samples'
+    formula (``(x + 1) * 127.5``, clamped, truncated). Non-finite values
+    show as black: these are pictures, not data.
+    """
+    import torch as th
+
+    x = th.nan_to_num(x.detach().float().cpu(), nan=-1.0, posinf=1.0, neginf=-1.0)
+    x = ((x + 1) * 127.5).clamp(0, 255).to(th.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def mask_to_pixels(mask):
+    """A SAG mask (NCHW of 0/1) as uint8 NHWC: white where the blur applies."""
+    import torch as th
+
+    m = (mask.detach().float().cpu() > 0.5).to(th.uint8) * 255
+    if m.shape[1] == 1:
+        m = m.repeat(1, 3, 1, 1)
+    return m[:, :3].permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def make_grid(images, ncols=None, pad=2, pad_value=255):
+    """
+    Tile uint8 images [N x H x W x 3] into one picture.
+
+    :param ncols: images per row; default ceil(sqrt(N)).
+    :param pad: pixels between (and around) the images.
+    """
+    images = np.asarray(images)
+    assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == np.uint8
+    n, h, w, _ = images.shape
+    ncols = ncols or max(1, math.ceil(math.sqrt(n)))
+    nrows = max(1, math.ceil(n / ncols))
+    grid = np.full(
+        (pad + nrows * (h + pad), pad + ncols * (w + pad), 3), pad_value, dtype=np.uint8
+    )
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def save_png(path, picture):
+    """Write a uint8 HxWx3 array as PNG (temporary name, then rename)."""
+    tmp = path + ".tmp"
+    Image.fromarray(np.ascontiguousarray(picture)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def save_grid(path, images, max_images=64, min_size=256):
+    """
+    A PNG grid of the first `max_images` images. Small images are enlarged
+    (nearest neighbour) so that the grid is at least `min_size` pixels wide.
+    """
+    images = np.asarray(images[:max_images])
+    grid = make_grid(images)
+    scale = max(1, math.ceil(min_size / max(grid.shape[:2])))
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    return save_png(path, grid)
+
+
+def sag_figure(columns, scale=None):
+    """
+    One row per sample, one column per picture kind (e.g. final sample,
+    x_0 prediction, SAG mask, blurred prediction), all uint8 NHWC of one size.
+    """
+    n = columns[0].shape[0]
+    tiles = np.stack([col[i] for i in range(n) for col in columns])
+    grid = make_grid(tiles, ncols=len(columns))
+    if scale is None:
+        scale = max(1, 128 // columns[0].shape[1])
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    return grid
+
+
+class AttentionMaskRecorder:
+    """
+    Keeps, for a few guided steps of one batch, the x_0 prediction, the SAG
+    mask and the blurred prediction (the step outputs' 'pred_xstart',
+    'sag_mask', 'sag_degraded_xstart': no extra model calls), then writes one
+    PNG per step with the final sample beside them.
+
+    :param out_dir: where ``step_XXXX.png`` files go.
+    :param guided: the respaced indices of the guided steps.
+    :param max_steps: how many of them to keep (evenly spread).
+    :param max_samples: rows per picture.
+    :param timestep_map: respaced index -> model timestep, for the file names.
+    """
+
+    COLUMNS = ("final sample", "x_0 prediction", "SAG mask", "blurred prediction")
+
+    def __init__(self, out_dir, guided, max_steps=4, max_samples=8, timestep_map=None):
+        self.out_dir = out_dir
+        guided = sorted(guided, reverse=True)
+        if len(guided) > max_steps:
+            picks = [guided[round(j * (len(guided) - 1) / (max_steps - 1))] for j in range(max_steps)]
+            guided = sorted(set(picks), reverse=True)
+        self.steps = guided
+        self.max_samples = max_samples
+        self.timestep_map = timestep_map
+        self.kept = {}
+
+    def __call__(self, index, out):
+        if index in self.steps and "sag_mask" in out:
+            k = self.max_samples
+            self.kept[index] = (
+                to_pixels(out["pred_xstart"][:k]),
+                mask_to_pixels(out["sag_mask"][:k]),
+                to_pixels(out["sag_degraded_xstart"][:k]),
+            )
+
+    def save(self, final_images):
+        """Write the pictures; `final_images` is the batch's uint8 NHWC result."""
+        if not self.kept:
+            return []
+        os.makedirs(self.out_dir, exist_ok=True)
+        paths = []
+        for index in sorted(self.kept, reverse=True):
+            pred, mask, blurred = self.kept[index]
+            final = np.asarray(final_images[: pred.shape[0]])
+            name = f"step_{index:04d}"
+            if self.timestep_map is not None:
+                name += f"_t{int(self.timestep_map[index]):04d}"
+            path = os.path.join(self.out_dir, name + ".png")
+            paths.append(save_png(path, sag_figure([final, pred, mask, blurred])))
+        return paths

@@ -1,0 +1,139 @@
+"""
+Upsample low-resolution samples (an npz from image_sample.py or
+classifier_sample.py) with a super-resolution model, with Self-Attention
+Guidance available as in the other samplers.
+
+    mpiexec -n N python scripts/super_res_sample.py $SAG_FLAGS $MODEL_FLAGS \
+        --model_path models/64_256_upsampler.pt --base_samples 64_samples.npz $SAMPLE_FLAGS
+
+Position p of the output upsamples base image p modulo the number of base
+images (with its label from the base npz's arr_1 for class-conditional
+models, carried over to the output's arr_1); its noise comes from seed + p.
+"""
+
+import os
+import sys
+
+import numpy as np
+import torch as th
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from improved_diffusion import dist_util  # noqa: E402
+from improved_diffusion.sample_run import SampleRun, agree, npz_array, report_result  # noqa: E402
+from improved_diffusion.sample_util import (  # noqa: E402
+    UsageError,
+    describe_setup,
+    draw_batch,
+    make_sag,
+    model_from_args,
+    new_parser,
+    parse_args_with_card,
+    pure_usage_error,
+    run_main,
+    sample_defaults,
+    to_uint8,
+    validate_sample_args,
+)
+from improved_diffusion.script_util import (  # noqa: E402
+    add_dict_to_argparser,
+    sag_defaults,
+    sr_model_and_diffusion_defaults,
+)
+
+
+def main(argv=None):
+    args = parse_args_with_card(create_argparser(), argv)
+    validate_sample_args(args)
+    if args.classifier_guidance:
+        raise pure_usage_error(
+            "--classifier_guidance True is not available for super-resolution; "
+            "pass --classifier_guidance False"
+        )
+    if not args.base_samples:
+        raise pure_usage_error(
+            "--base_samples is required: an npz of low-resolution samples "
+            "(arr_0, and arr_1 labels for class-conditional models), e.g. from image_sample.py"
+        )
+    dist_util.setup_dist()
+    files = {"model_path": args.model_path, "base_samples": args.base_samples}
+    with SampleRun(args, "super_res_sample", args.large_size, args.class_cond, files) as run:
+        if run.prepare():
+            images, labels = agree(open_base_samples, args)
+            model, diffusion = agree(model_from_args, args, super_res=True)
+            sag = agree(make_sag, model, args)
+            device = dist_util.dev()
+
+            def draw(positions, step_callback=None):
+                rows = [p % len(images) for p in positions]
+                low = th.from_numpy(np.asarray(images[rows], dtype=np.float32) / 127.5 - 1.0)
+                model_kwargs = dict(low_res=low.permute(0, 3, 1, 2).contiguous().to(device))
+                batch_labels = None
+                if labels is not None:
+                    batch_labels = np.asarray(labels[rows], dtype=np.int64)
+                    model_kwargs["y"] = th.from_numpy(batch_labels).to(device)
+                sample, _ = draw_batch(
+                    diffusion, model, positions, args,
+                    (3, args.large_size, args.large_size), device,
+                    model_kwargs=model_kwargs, sag=sag, step_callback=step_callback,
+                )
+                return to_uint8(sample, positions), batch_labels
+
+            base = f"base samples {args.base_samples}: {len(images)} images"
+            run.start(describe_setup(args, model, diffusion, sag, [base]))
+            run.sample(draw, sag=sag, diffusion=diffusion)
+            run.finish()
+    report_result(run)
+
+
+def open_base_samples(args):
+    """The base images (memory-mapped when possible) and labels (or None)."""
+    path = args.base_samples
+    try:
+        images = npz_array(path, "arr_0")
+    except MemoryError:
+        raise
+    except Exception as e:  # not a zip, no arr_0, pickled objects...
+        raise UsageError(
+            f"cannot read arr_0 of --base_samples {path} ({type(e).__name__}: {e}); "
+            "pass an npz written by image_sample.py"
+        ) from None
+    want = (args.small_size, args.small_size, 3)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want or images.dtype != np.uint8 or not len(images):
+        raise UsageError(
+            f"--base_samples {path} holds {images.dtype} images of shape {tuple(images.shape)}; "
+            f"expected uint8 (N, {args.small_size}, {args.small_size}, 3) for --small_size "
+            f"{args.small_size}"
+        )
+    labels = None
+    if args.class_cond:
+        try:
+            labels = npz_array(path, "arr_1")
+        except KeyError:
+            raise UsageError(
+                f"--base_samples {path} has no labels (arr_1) but --class_cond True; "
+                "pass samples from a class-conditional run (classifier_sample.py writes them)"
+            ) from None
+        if labels.shape != (len(images),):
+            raise UsageError(
+                f"--base_samples {path}: arr_1 has shape {labels.shape}, expected ({len(images)},)"
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= args.num_classes):
+            raise UsageError(
+                f"--base_samples {path}: labels outside 0..{args.num_classes - 1} (--num_classes)"
+            )
+    return images, labels
+
+
+def create_argparser():
+    defaults = sample_defaults()
+    defaults.update(sr_model_and_diffusion_defaults())
+    defaults.update(sag_defaults())
+    defaults.update(base_samples="")
+    parser = new_parser(__doc__.strip().splitlines()[0])
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(main)

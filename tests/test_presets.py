@@ -1,0 +1,144 @@
+"""scripts/presets/*.sh: every flag is accepted by its script, the model it
+builds has the published checkpoint's layout (tests/data manifests), the SAG
+block exists, and the seed's four commands are there verbatim."""
+
+import glob
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+
+import pytest
+import torch as th
+
+from conftest import ROOT
+from improved_diffusion.published_checkpoints import PUBLISHED_CHECKPOINTS
+from improved_diffusion.sag import SelfAttentionGuidance
+from improved_diffusion.sample_util import validate_sample_args
+from improved_diffusion.script_util import (
+    args_to_dict,
+    classifier_defaults,
+    create_classifier,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
+
+PRESETS = os.path.join(ROOT, "scripts", "presets")
+VARIABLES = ("SCRIPT", "MODEL_PATH", "BASE_SAMPLES", "SAMPLE_FLAGS", "MODEL_FLAGS", "SAG_FLAGS", "CLASSIFIER_FLAGS")
+
+# The seed's commands (../shared/seed/SEED-README.md), as published.
+SEED = {
+    "128x128_diffusion": dict(
+        SAMPLE_FLAGS="--batch_size 64 --num_samples 10000 --timestep_respacing 250",
+        MODEL_FLAGS="--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --image_size 128 --learn_sigma True --noise_schedule linear --num_channels 256 --num_heads 4 --num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True",
+        SAG_FLAGS="--guide_scale 1.1 --guide_start 250 --sel_attn_block output --sel_attn_depth 8 --blur_sigma 3 --classifier_guidance True",
+        CLASSIFIER_FLAGS="--classifier_scale 0.5 --classifier_path models/128x128_classifier.pt",
+        SCRIPT="scripts/classifier_sample.py", MODEL_PATH="models/128x128_diffusion.pt"),
+    "256x256_diffusion_uncond": dict(
+        SAMPLE_FLAGS="--batch_size 16 --num_samples 10000 --timestep_respacing 250",
+        MODEL_FLAGS="--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --image_size 256 --learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True",
+        SAG_FLAGS="--guide_scale 1.5 --guide_start 250 --sel_attn_block output --sel_attn_depth 2 --blur_sigma 9 --classifier_guidance False",
+        CLASSIFIER_FLAGS="--classifier_scale 0.0 --classifier_path models/256x256_classifier.pt",
+        SCRIPT="scripts/classifier_sample.py"),
+    "lsun_cat": dict(
+        SAMPLE_FLAGS="--batch_size 16 --num_samples 10000 --timestep_respacing 250",
+        MODEL_FLAGS="--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --dropout 0.1 --image_size 256 --learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True",
+        SAG_FLAGS="--guide_scale 1.05 --guide_start 250 --sel_attn_block output --sel_attn_depth 2 --blur_sigma 9 --classifier_guidance False",
+        SCRIPT="scripts/image_sample.py", MODEL_PATH="models/lsun_cat.pt"),
+    "lsun_horse": dict(
+        SAMPLE_FLAGS="--batch_size 16 --num_samples 10000 --timestep_respacing 250",
+        MODEL_FLAGS="--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --dropout 0.1 --image_size 256 --learn_sigma True --noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2 --resblock_updown True --use_fp16 True --use_scale_shift_norm True",
+        SAG_FLAGS="--guide_scale 1.01 --guide_start 250 --sel_attn_block output --sel_attn_depth 2 --blur_sigma 9 --classifier_guidance False",
+        SCRIPT="scripts/image_sample.py", MODEL_PATH="models/lsun_horse.pt"),
+}
+
+
+def preset_files():
+    return sorted(p for p in glob.glob(os.path.join(PRESETS, "*.sh"))
+                  if not os.path.basename(p).startswith("fashion32"))
+
+
+def source(path):
+    """The preset's variables, as bash sees them."""
+    script = f'set -eu; source "{path}"; ' + "; ".join(
+        f'printf "%s\\0" "${{{v}-__unset__}}"' for v in VARIABLES)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    values = out.split("\0")[: len(VARIABLES)]
+    return {k: v for k, v in zip(VARIABLES, values) if v != "__unset__"}
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"preset_{name}", os.path.join(ROOT, "scripts", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def manifests():
+    out = {}
+    for name in ("guided_diffusion.json", "improved_diffusion.json"):
+        with open(os.path.join(ROOT, "tests", "data", name)) as f:
+            out.update(json.load(f))
+    return out
+
+
+MANIFESTS = manifests()
+
+
+def test_one_preset_per_published_diffusion_checkpoint():
+    names = {os.path.basename(p)[:-3] for p in preset_files()}
+    diffusion = {n for n in PUBLISHED_CHECKPOINTS if not n.endswith("_classifier")}
+    assert names == diffusion
+
+
+@pytest.mark.parametrize("name", list(SEED))
+def test_seed_commands_verbatim(name):
+    got = source(os.path.join(PRESETS, f"{name}.sh"))
+    for key, value in SEED[name].items():
+        assert got[key] == value, key
+
+
+@pytest.mark.parametrize("path", preset_files(), ids=lambda p: os.path.basename(p))
+def test_preset_flags_build_the_published_model(path):
+    name = os.path.basename(path)[:-3]
+    v = source(path)
+    assert v["MODEL_PATH"] == f"models/{name}.pt"
+    script = load_script(os.path.basename(v["SCRIPT"]))
+    argv = shlex.split(f"{v['SAG_FLAGS']} {v['MODEL_FLAGS']} {v.get('CLASSIFIER_FLAGS', '')} "
+                       f"--model_path {v['MODEL_PATH']} {v['SAMPLE_FLAGS']}")
+    if "BASE_SAMPLES" in v:
+        argv += ["--base_samples", v["BASE_SAMPLES"]]
+    args = script.create_argparser().parse_args(argv)
+    validate_sample_args(args)
+    assert args.guide_scale != 1.0 and args.timestep_respacing
+    with th.device("meta"):
+        if "large_size" in vars(args):
+            model, diffusion = sr_create_model_and_diffusion(
+                **args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
+        else:
+            model, diffusion = create_model_and_diffusion(
+                **args_to_dict(args, model_and_diffusion_defaults().keys()))
+        sag = SelfAttentionGuidance.from_args(model, args)  # the chosen block has attention
+        assert sag.applies(diffusion.num_timesteps - 1)
+        if name in MANIFESTS:
+            want = [(n, s) for n, s, _ in MANIFESTS[name]["params"]]
+            assert [(n, list(t.shape)) for n, t in model.state_dict().items()] == want
+        if args.classifier_guidance:
+            clf_name = os.path.basename(args.classifier_path)[:-3]
+            assert clf_name in PUBLISHED_CHECKPOINTS
+            classifier = create_classifier(**args_to_dict(args, classifier_defaults().keys()))
+            if clf_name in MANIFESTS:
+                want = [(n, s) for n, s, _ in MANIFESTS[clf_name]["params"]]
+                assert [(n, list(t.shape)) for n, t in classifier.state_dict().items()] == want
+
+
+def test_improved_diffusion_presets_rescale_timesteps():
+    """improved-diffusion trained with rescaled timesteps unless its flags say otherwise."""
+    for name in ("imagenet64_uncond_100M_1500K", "cifar10_uncond_50M_500K",
+                 "imagenet64_uncond_vlb_100M_1500K", "cifar10_uncond_vlb_50M_500K"):
+        assert "--rescale_timesteps True" in source(os.path.join(PRESETS, f"{name}.sh"))["MODEL_FLAGS"]
+    for name in ("imagenet64_cond_270M_250K", "upsample_cond_500K", "lsun_uncond_100M_1200K_bs128"):
+        assert "--rescale_timesteps False" in source(os.path.join(PRESETS, f"{name}.sh"))["MODEL_FLAGS"]
