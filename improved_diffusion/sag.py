@@ -66,7 +66,8 @@ class SelfAttentionGuidance:
         runs (SAG-NOTES item 4). Required unless true_attention.
     :param true_attention: if True, use the attention the block really
         computes (its own head count and layout) instead of the published map.
-    :param separable_blur: apply the blur as two 1-D passes.
+    :param separable_blur: apply the blur as two 1-D passes (default; equal to
+        the published 2-D convolution up to float rounding, and much faster).
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class SelfAttentionGuidance:
         blur_sigma=9.0,
         num_heads=None,
         true_attention=False,
-        separable_blur=False,
+        separable_blur=True,
     ):
         scale = float(scale)
         if not math.isfinite(scale):
@@ -137,16 +138,25 @@ class SelfAttentionGuidance:
         index = int(t[0]) if hasattr(t, "shape") and len(t.shape) else int(t)
         return self.start > index
 
-    def capture(self):
-        """A fresh AttentionCapture on the chosen block, with this map's head split."""
+    def capture(self, keep="weights"):
+        """
+        A fresh AttentionCapture on the chosen block, with this map's head
+        split. When the map is the block's own attention, the block computes
+        its weights once for both its output and the capture.
+
+        :param keep: "weights" (the whole map) or "key_mass" (only what the
+            mask needs; what the sampler uses).
+        """
         if self.true_attention:
-            return AttentionCapture(self.block)
-        return AttentionCapture(self.block, num_heads=self.num_heads, legacy=True)
+            return AttentionCapture(self.block, keep=keep)
+        return AttentionCapture(self.block, num_heads=self.num_heads, legacy=True, keep=keep)
 
     def mask(self, capture, x_shape):
         """The [N x C x H x W] SAG mask from a capture of the first pass."""
-        if capture.weights is None:
+        mass = capture.key_mass
+        if mass is None:
             raise RuntimeError(
                 f"no attention was captured at {self.location}: did the model run?"
             )
-        return sag_ops.attention_mask(capture.weights, x_shape[0], tuple(x_shape[1:]))
+        assert mass.shape[0] == x_shape[0], (mass.shape, x_shape)
+        return sag_ops.key_mass_mask(mass, tuple(x_shape[1:]))

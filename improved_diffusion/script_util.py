@@ -504,7 +504,16 @@ def write_model_card(model_path, flags, **extra):
 
 
 def cpu_supports_bf16():
-    """Whether this CPU has fast bfloat16 kernels (AVX512-BF16 or AMX)."""
+    """
+    Whether this CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX).
+    Processors without it only emulate bfloat16, which is no faster than
+    float32.
+    """
+    cpu = getattr(th, "cpu", None)
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        pass
     try:
         return bool(th.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -515,9 +524,13 @@ def half_dtype_for(device, use_fp16):
     """
     The dtype the network's torso runs in for ``--use_fp16``.
 
-    On CUDA: float16, as upstream. On CPU: bfloat16 where the processor has
-    fast bfloat16 kernels (float16 convolutions on CPU are slower than
-    float32), else float32 with a one-line warning.
+    On CUDA: float16, as upstream (the published fp16 weights path). On CPU:
+    bfloat16 weights where the processor has native bfloat16 arithmetic
+    (float16 convolutions on CPU are slower than float32), else float32 with
+    a one-line warning. bfloat16 *weights* (``convert_to_fp16(th.bfloat16)``:
+    the convolutions of the torso, as upstream converts them) rather than
+    bfloat16 autocast: as fast or faster (no weight casts at every call) and
+    the timestep embedding stays float32.
     """
     if not use_fp16:
         return th.float32
@@ -526,7 +539,36 @@ def half_dtype_for(device, use_fp16):
     if cpu_supports_bf16():
         return th.bfloat16
     warnings.warn(
-        "--use_fp16 True: this CPU has no fast bfloat16 support; running in float32",
+        "--use_fp16 True: this CPU has no native bfloat16 support; running in float32",
         stacklevel=2,
     )
     return th.float32
+
+
+def prepare_model_for_sampling(model, device, use_fp16, channels_last=None, attention=None):
+    """
+    Put a loaded model (already on `device`) in its fastest sampling setup.
+
+    - precision: the torso in half_dtype_for(device, use_fp16);
+    - memory format: channels-last when `channels_last` is True; None (auto)
+      turns it on for a bfloat16 torso on CPU, where oneDNN's bfloat16
+      convolutions are faster in channels-last (about 7% on the ImageNet-128
+      UNet); float32 on CPU gains nothing from it, and on CUDA it is left to
+      the caller (not measured here);
+    - attention: `attention` ("auto", "sdpa", "einsum") for every attention
+      layer; None keeps each layer's (``auto`` unless the
+      ``IMPROVED_DIFFUSION_ATTENTION`` environment variable says otherwise).
+
+    The model's outputs keep the input's layout and float32 dtype, so the
+    samplers need no change. Returns `model` (in eval mode).
+    """
+    dtype = half_dtype_for(device, use_fp16)
+    model.convert_to_fp16(dtype)
+    if channels_last is None:
+        channels_last = dtype == th.bfloat16 and th.device(device).type == "cpu"
+    model.to(memory_format=th.channels_last if channels_last else th.contiguous_format)
+    if attention is not None:
+        from .unet import set_attention_backend
+
+        set_attention_backend(model, attention)
+    return model.eval()

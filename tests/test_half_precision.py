@@ -1,0 +1,81 @@
+"""--use_fp16 on CPU: bfloat16 where the processor has it, float32 with a warning where not."""
+
+import warnings
+
+import pytest
+import torch as th
+
+from conftest import tiny_model
+from improved_diffusion import script_util
+from improved_diffusion.random_util import BatchGenerator
+from improved_diffusion.sag import SelfAttentionGuidance
+from improved_diffusion.script_util import half_dtype_for, prepare_model_for_sampling
+
+
+def test_half_dtype_for_devices(monkeypatch):
+    assert half_dtype_for("cpu", False) == th.float32
+    assert half_dtype_for("cuda", True) == th.float16
+    assert half_dtype_for("cuda:1", False) == th.float32
+    monkeypatch.setattr(script_util, "cpu_supports_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert half_dtype_for("cpu", True) == th.bfloat16
+    monkeypatch.setattr(script_util, "cpu_supports_bf16", lambda: False)
+    with pytest.warns(UserWarning) as record:
+        assert half_dtype_for("cpu", True) == th.float32
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    assert "bfloat16" in str(record[0].message)
+
+
+def test_prepare_model_for_sampling_cpu(monkeypatch):
+    monkeypatch.setattr(script_util, "cpu_supports_bf16", lambda: True)
+    model, _ = tiny_model()
+    prepare_model_for_sampling(model, "cpu", use_fp16=True)
+    conv = model.input_blocks[0][0]
+    assert model.dtype == th.bfloat16 and conv.weight.dtype == th.bfloat16
+    assert conv.weight.is_contiguous(memory_format=th.channels_last)
+    assert model.time_embed[0].weight.dtype == th.float32  # as upstream: the torso only
+    assert model.out[2].weight.dtype == th.float32
+    model32, _ = tiny_model()
+    prepare_model_for_sampling(model32, "cpu", use_fp16=False)
+    assert model32.dtype == th.float32 and model32.input_blocks[0][0].weight.is_contiguous()
+
+
+def _sample(model, diffusion, sag, seeds=(0, 1, 2, 3)):
+    gen = BatchGenerator(seeds)
+    return diffusion.p_sample_loop(model, (len(seeds), 3, 16, 16), sag=sag, generator=gen)
+
+
+@pytest.mark.parametrize("ddim", [False, True])
+def test_bf16_sag_sampling_stays_close_to_fp32(ddim):
+    model, diffusion = tiny_model()
+    sag = SelfAttentionGuidance(model, scale=1.5, depth=0, num_heads=2, blur_sigma=1.0)
+    fn = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
+
+    def sample(seeds):
+        return fn(model, (4, 3, 16, 16), sag=sag, generator=BatchGenerator(seeds))
+
+    want = sample([0, 1, 2, 3])
+    other = sample([4, 5, 6, 7])
+    model.convert_to_fp16(th.bfloat16)  # what --use_fp16 runs on a bfloat16 CPU
+    model.to(memory_format=th.channels_last)
+    got = sample([0, 1, 2, 3])
+    assert got.dtype == th.float32 and got.is_contiguous() and th.isfinite(got).all()
+    # In uint8 levels, as the scripts save them: a few levels at most on this
+    # tiny random model, against tens between different seeds.
+    to8 = lambda x: ((x + 1) * 127.5).clamp(0, 255).to(th.uint8).long()  # noqa: E731
+    d = (to8(got) - to8(want)).abs().float().mean()
+    seeds_apart = (to8(other) - to8(want)).abs().float().mean()
+    assert 0 < d < 4 and d < 0.1 * seeds_apart, (d, seeds_apart)
+
+
+def test_bf16_capture_map_is_float32():
+    model, _ = tiny_model()
+    model.convert_to_fp16(th.bfloat16)
+    sag = SelfAttentionGuidance(model, depth=0, num_heads=2)
+    x = th.randn(2, 3, 16, 16)
+    with sag.capture(keep="weights") as cap, th.no_grad():
+        out = model(x, th.tensor([3, 700]))
+    assert out.dtype == th.float32
+    assert cap.weights.dtype == th.float32 and cap.key_mass.dtype == th.float32
+    assert th.allclose(cap.weights.sum(-1), th.ones(()), atol=1e-5)
