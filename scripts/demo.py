@@ -1,0 +1,183 @@
+"""
+The demo (`make demo`): draw 256 class-conditional Fashion-MNIST garments with
+Self-Attention Guidance from the embedded default model on the CPU, offline,
+then score them with the project's own Fashion-MNIST classifier.
+
+    python scripts/demo.py [--out_dir demo_out] [--num_samples 256] [--seed 0]
+        [any scripts/image_sample.py flag, e.g. --guide_scale 1.0]
+
+Writes into --out_dir (replacing the files of an earlier run):
+  samples_256x32x32x3.npz   arr_0 uint8 images, arr_1 int64 labels
+  the PNG grid and the SAG-mask pictures that scripts/image_sample.py writes
+  metrics.json              accuracy of the labels and feature FID vs the test split
+and prints where they are.
+
+The sampling flags come from the default model's card (models/fashion32_ema.json:
+50 respaced steps, SAG, bfloat16 where the CPU has it); flags given here win.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+DEFAULT_OUT_DIR = os.path.join(REPO_ROOT, "demo_out")
+IMAGE_SAMPLE = os.path.join(REPO_ROOT, "scripts", "image_sample.py")
+
+# Optional outputs of image_sample.py, used when that script has the flag.
+PICTURE_FLAGS = {
+    "save_attention_masks": "True",
+}
+# What a finished run leaves in out_dir (a folder holding one of these is
+# taken for an earlier demo's output and emptied first).
+RUN_MARKERS = ("config.json", "log.txt", "metrics.json")
+
+
+def _load_image_sample():
+    spec = importlib.util.spec_from_file_location("image_sample", IMAGE_SAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _has_flag(argv, name):
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+
+def sample_argv(args, extra, known_flags):
+    """The image_sample.py command line of the demo."""
+    argv = ["--num_samples", str(args.num_samples), "--seed", str(args.seed)]
+    for name, value in PICTURE_FLAGS.items():
+        if name in known_flags and not _has_flag(extra, name):
+            argv += [f"--{name}", value]
+    return argv + list(extra)
+
+
+def prepare_out_dir(out_dir):
+    """
+    Make `out_dir` empty: sampling resumes from shards of an earlier run with
+    the same flags and refuses different ones, so the demo always starts fresh.
+    Only a folder that looks like an earlier run's output is emptied.
+    """
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if not any(os.path.exists(os.path.join(out_dir, m)) for m in RUN_MARKERS):
+            raise SystemExit(f"error: --out_dir {out_dir} is not empty and holds no earlier "
+                             "demo output; choose another folder")
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def pictures(out_dir):
+    """The PNG files of the run (the grid, then the SAG-mask pictures)."""
+    found = []
+    for root, _, files in os.walk(out_dir):
+        found += [os.path.join(root, f) for f in files if f.endswith(".png")]
+    return sorted(found, key=lambda p: (os.path.dirname(p) != out_dir, p))
+
+
+def pick_threads(requested=0):
+    """
+    Torch threads for sampling: `requested` if > 0, else the cores left idle
+    by other work (cores minus the 1-minute load average, at least 1). On a
+    busy machine more threads than free cores make every op wait for the
+    slowest thread (several times slower than one thread).
+    """
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        busy = 0.0
+    return max(1, min(cores, int(round(cores - busy))))
+
+
+def score_samples(npz_path, classifier_path=None):
+    """Accuracy of the drawn labels and feature FID vs the test split."""
+    from evaluations import fashion_metrics
+
+    kwargs = {}
+    if classifier_path:
+        kwargs["classifier_path"] = classifier_path
+    return fashion_metrics.score(npz_path, **kwargs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.strip().splitlines()[0],
+        epilog="Other flags are passed on to scripts/image_sample.py.",
+    )
+    parser.add_argument("--out_dir", default=DEFAULT_OUT_DIR)
+    parser.add_argument("--num_samples", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default 0: the idle cores, at least 1)")
+    parser.add_argument("--score", type=lambda s: s.lower() in ("1", "true", "yes"),
+                        default=True, help="score the samples (default True)")
+    args, extra = parser.parse_known_args(argv)
+
+    out_dir = os.path.abspath(args.out_dir)
+    prepare_out_dir(out_dir)
+    os.environ["OPENAI_LOGDIR"] = out_dir
+    import torch
+
+    torch.set_num_threads(pick_threads(args.threads))
+    image_sample = _load_image_sample()
+    known = {a.dest for a in image_sample.create_argparser()._actions}
+    cmd = sample_argv(args, extra, known)
+
+    print(f"demo: python scripts/image_sample.py {' '.join(cmd)}  "
+          f"({torch.get_num_threads()} threads)", flush=True)
+    start = time.time()
+    image_sample.main(cmd)
+    sample_seconds = time.time() - start
+
+    npzs = [f for f in sorted(os.listdir(out_dir)) if f.startswith("samples_")
+            and f.endswith(".npz")]
+    if not npzs:
+        raise SystemExit(f"error: no samples npz in {out_dir}")
+    npz = os.path.join(out_dir, npzs[-1])
+
+    metrics = dict(num_samples=args.num_samples, seed=args.seed,
+                   sample_seconds=round(sample_seconds, 1), threads=torch.get_num_threads(),
+                   argv=cmd)
+    if args.score:
+        result = score_samples(npz)
+        metrics.update(accuracy=result["accuracy"], fid=result["fid"])
+    metrics_path = os.path.join(out_dir, "metrics.json")
+    with open(metrics_path, "w") as f:
+        json.dump(metrics, f, indent=1)
+
+    print()
+    print(f"demo: {args.num_samples} samples in {sample_seconds:.0f} s")
+    if args.score:
+        print(f"  accuracy of the drawn labels (our Fashion-MNIST classifier): "
+              f"{metrics['accuracy']:.4f}")
+        print(f"  feature FID vs the test split (n={args.num_samples}): {metrics['fid']:.2f}")
+    print(f"  samples: {npz}")
+    pics = pictures(out_dir)
+    for path in pics:
+        if os.path.dirname(path) == out_dir:
+            print(f"  grid: {path}")
+    mask_dirs = sorted({os.path.dirname(p) for p in pics if os.path.dirname(p) != out_dir})
+    for folder in mask_dirs:
+        count = sum(os.path.dirname(p) == folder for p in pics)
+        print(f"  SAG-mask pictures: {folder} ({count} PNGs)")
+    print(f"  metrics: {metrics_path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    from improved_diffusion.sample_util import UsageError
+
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

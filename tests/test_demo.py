@@ -1,0 +1,194 @@
+"""The demo pipeline (scripts/demo.py) on a tiny random 32x32 checkpoint, and
+the embedded default model: its card makes `image_sample.py` with no flags
+sample from it with SAG, and its weights load strictly."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch as th
+
+from improved_diffusion import dist_util, logger
+from improved_diffusion.script_util import (
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    write_model_card,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "models" / "fashion32_ema.pt"
+DEFAULT_CLASSIFIER = ROOT / "models" / "fashion32_classifier.pt"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
+                "OPENAI_LOGDIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(dist_util, "_STATE", dist_util._DistState())
+    prev = logger.Logger.CURRENT, logger.Logger.DEFAULT
+    logger.Logger.CURRENT = None
+    yield
+    if logger.Logger.CURRENT is not None:
+        logger.Logger.CURRENT.close()
+    logger.Logger.CURRENT, logger.Logger.DEFAULT = prev
+
+
+def tiny_checkpoint(tmp_path):
+    """A tiny random class-conditional 32x32 UNet with a model card (2 steps, SAG)."""
+    flags = model_and_diffusion_defaults()
+    flags.update(
+        image_size=32, num_channels=32, channel_mult="1,2", num_res_blocks=1,
+        attention_resolutions="16", num_heads=2, class_cond=True, num_classes=10,
+        learn_sigma=True, diffusion_steps=100, noise_schedule="cosine",
+    )
+    th.manual_seed(0)
+    model, _ = create_model_and_diffusion(**flags)
+    with th.no_grad():  # give the zero-initialised projections weights: SAG then acts
+        for p in model.parameters():
+            if p.dim() > 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    path = str(tmp_path / "tiny.pt")
+    th.save(model.state_dict(), path)
+    card = dict(flags, timestep_respacing="2", batch_size=3, guide_scale=1.5,
+                sel_attn_block="output", sel_attn_depth=1, blur_sigma=1.0)
+    write_model_card(path, card)
+    return path
+
+
+def test_demo_pipeline_on_tiny_checkpoint(tmp_path, capsys):
+    demo = _load("demo")
+    out = tmp_path / "out"
+    metrics = demo.main(["--out_dir", str(out), "--num_samples", "5", "--seed", "3",
+                         "--model_path", tiny_checkpoint(tmp_path)])
+    npz = out / "samples_5x32x32x3.npz"
+    with np.load(npz) as z:
+        assert z["arr_0"].shape == (5, 32, 32, 3) and z["arr_0"].dtype == np.uint8
+        assert z["arr_1"].dtype == np.int64 and z["arr_1"].shape == (5,)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["num_samples"] == 5 and saved["seed"] == 3
+    assert 0.0 <= saved["accuracy"] <= 1.0 and np.isfinite(saved["fid"])
+    assert saved["accuracy"] == metrics["accuracy"]
+    printed = capsys.readouterr().out
+    assert str(npz) in printed and "accuracy" in printed and "FID" in printed
+    grids = list(out.glob("*.png"))
+    assert grids and all(str(g) in printed for g in grids)
+    masks = list(out.glob("*/*.png"))  # SAG-mask pictures, one folder named
+    assert masks and str(masks[0].parent) in printed
+
+
+def test_demo_passes_flags_on_and_adds_pictures():
+    demo = _load("demo")
+    args = type("A", (), dict(num_samples=256, seed=0))()
+    argv = demo.sample_argv(args, ["--guide_scale", "1.0"], {"save_attention_masks"})
+    assert argv[:4] == ["--num_samples", "256", "--seed", "0"]
+    assert argv[4:6] == ["--save_attention_masks", "True"]
+    assert argv[-2:] == ["--guide_scale", "1.0"]
+    argv = demo.sample_argv(args, ["--save_attention_masks=False"], {"save_attention_masks"})
+    assert argv.count("--save_attention_masks") == 0
+    # flags image_sample.py does not have are never added
+    assert demo.sample_argv(args, [], set()) == ["--num_samples", "256", "--seed", "0"]
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="default model not committed")
+def test_default_model_card_gives_sag_sampling_without_flags():
+    from improved_diffusion.sample_util import parse_args_with_card
+
+    image_sample = _load("image_sample")
+    args = image_sample.create_argparser()
+    args = parse_args_with_card(args, [])
+    assert os.path.samefile(args.model_path, DEFAULT_MODEL)
+    assert args.image_size == 32 and args.class_cond and args.num_classes == 10
+    assert args.guide_scale != 1.0  # SAG is on
+    assert args.timestep_respacing and int(args.timestep_respacing) <= 100
+    # the card's flags build the model the weights belong to
+    flags = {k: getattr(args, k) for k in model_and_diffusion_defaults()}
+    model, diffusion = create_model_and_diffusion(**flags)
+    model.load_state_dict(th.load(DEFAULT_MODEL, map_location="cpu", weights_only=True))
+    assert ("output", args.sel_attn_depth) in model.attention_blocks()
+    assert os.path.getsize(DEFAULT_MODEL) < 20e6
+
+
+@pytest.mark.skipif(not DEFAULT_CLASSIFIER.exists(), reason="default classifier not committed")
+def test_default_classifier_card_builds_it():
+    from improved_diffusion.script_util import (
+        classifier_and_diffusion_defaults,
+        create_classifier_and_diffusion,
+        read_model_card,
+    )
+
+    card = read_model_card(str(DEFAULT_CLASSIFIER))
+    flags = classifier_and_diffusion_defaults()
+    flags.update({k: v for k, v in card.items() if k in flags})
+    classifier, _ = create_classifier_and_diffusion(**flags)
+    classifier.load_state_dict(
+        th.load(DEFAULT_CLASSIFIER, map_location="cpu", weights_only=True))
+    logits = classifier(th.zeros(2, 3, 32, 32), th.tensor([0, 500]))
+    assert logits.shape == (2, 10)
+
+
+def test_demo_out_dir_is_emptied_only_when_it_is_an_earlier_run(tmp_path):
+    demo = _load("demo")
+    earlier = tmp_path / "earlier"
+    (earlier / "shards").mkdir(parents=True)
+    (earlier / "config.json").write_text("{}")
+    (earlier / "shards" / "shard_x.npz").write_text("")
+    demo.prepare_out_dir(str(earlier))
+    assert earlier.is_dir() and not list(earlier.iterdir())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        demo.prepare_out_dir(str(other))
+    assert (other / "notes.txt").exists()
+
+
+def test_pick_threads(monkeypatch):
+    demo = _load("demo")
+    assert demo.pick_threads(3) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0, 0))
+    assert demo.pick_threads() == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0, 0))
+    assert demo.pick_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0, 0))
+    assert demo.pick_threads() == 1
+
+
+def test_compare_guidance_config_names():
+    cg = _load("compare_guidance")
+    base = dict(guide_scale=1.5, blur_sigma=1.0, sel_attn_depth=5, sel_attn_block="output")
+    assert cg.parse_config("none", base) == dict(sag=None, cg=None)
+    sag = cg.parse_config("sag", base)["sag"]
+    assert sag == dict(scale=1.5, blur_sigma=1.0, depth=5, block="output")
+    both = cg.parse_config("sag_s3_b2.5_d2+cg2", base)
+    assert both["sag"] == dict(scale=3.0, blur_sigma=2.5, depth=2, block="output")
+    assert both["cg"] == 2.0
+    assert cg.parse_config("cg", base)["cg"] == cg.DEFAULT_CLASSIFIER_SCALE
+    with pytest.raises(ValueError):
+        cg.parse_config("sag_x3", base)
+    with pytest.raises(ValueError):
+        cg.parse_config("cfg", base)
+
+
+def test_compare_guidance_runs_on_tiny_checkpoint(tmp_path):
+    cg = _load("compare_guidance")
+    ckpt = tiny_checkpoint(tmp_path)
+    results = cg.main(["--model_path", ckpt, "--num_samples", "3", "--batch_size", "2",
+                       "--configs", "none,sag_s2", "--out_dir", str(tmp_path / "study")])
+    assert set(results) == {"none_n3", "sag_s2_n3"}
+    with np.load(tmp_path / "study" / "none_n3.npz") as a, \
+            np.load(tmp_path / "study" / "sag_s2_n3.npz") as b:
+        assert np.array_equal(a["arr_1"], b["arr_1"])  # same seeds, same labels
+        assert not np.array_equal(a["arr_0"], b["arr_0"])  # SAG changed the images
+    assert "| sag_s2 |" in (tmp_path / "study" / "results.md").read_text()
