@@ -11,9 +11,10 @@ float32 and half precision, for this fork and for the published SAG code
 Method: the seed commands' schedule (1000 steps respaced to 250, every step
 guided); each variant runs the first n1 and the first n2 steps of sampling
 one batch (``--steps 1,2``), and (time(n2) - time(n1)) / (n2 - n1) is one
-step, start-up cancelled. Variants are interleaved (the order reverses every
-repeat) so that a change in the machine's load hits them alike; the median
-over ``--repeats`` is reported. Each variant first runs n1 steps untimed
+step, start-up cancelled. All variants of an architecture (every precision,
+implementation and mode) are interleaved, the order reversing every repeat,
+so that a change in the machine's load hits them alike; the median over
+``--repeats`` is reported. Each variant first runs n1 steps untimed
 (warm-up); a variant whose warm-up takes more than ``--slow_s`` seconds (the
 published float16 path on a CPU without float16 convolutions: minutes per
 step) is timed by that one run instead, marked "1 run".
@@ -288,8 +289,11 @@ def build_variants(arch, impls, precision, modes, device, batch, skip=()):
     return variants
 
 
-def bench_precision(arch, impls, precision, modes, device, batch, steps, repeats, slow_s, log, skip=()):
-    variants = build_variants(arch, impls, precision, modes, device, batch, skip)
+def bench_arch(arch, impls, precisions, modes, device, batch, steps, repeats, slow_s, log, skip=()):
+    """Time every variant of `arch`, all precisions interleaved."""
+    variants = []
+    for precision in precisions:
+        variants += build_variants(arch, impls, precision, modes, device, batch, skip)
     n1, n2 = steps
     per_step = {v.name: [] for v in variants}
     raw = {v.name: [] for v in variants}
@@ -534,15 +538,10 @@ def main():
     for arch in archs:
         batch = args.batch or ARCHS[arch]["batch"]
         report["batch"][arch] = batch
-        report["timing"][arch] = {}
-        for precision in precisions:
-            log(f"{arch} batch {batch} {precision}")
-            report["timing"][arch].update(
-                bench_precision(
-                    arch, impls, precision, modes, args.device, batch, steps, args.repeats, args.slow_s, log,
-                    skip,
-                )
-            )
+        log(f"{arch} batch {batch} {','.join(precisions)}")
+        report["timing"][arch] = bench_arch(
+            arch, impls, precisions, modes, args.device, batch, steps, args.repeats, args.slow_s, log, skip
+        )
         if args.memory:
             report["memory"][arch] = measure_memory(
                 arch, impls, precisions, [m for m in modes if m != "sag_cg"], args.device, batch,
