@@ -20,8 +20,8 @@ published float16 path on a CPU without float16 convolutions: minutes per
 step) is timed by that one run instead, marked "1 run".
 
 Precisions: ``fp32``; ``half`` is what ``--use_fp16 True`` runs: for this
-fork prepare_model_for_sampling() (bfloat16 weights and channels-last on a
-CPU with native bfloat16, float16 on CUDA), for the published code float16
+fork prepare_model_for_sampling() (bfloat16 weights on a CPU with native
+bfloat16, float16 on CUDA), for the published code float16
 weights whatever the device; ``bf16`` forces bfloat16 weights for both.
 The classifier runs in float32 (the seed commands' classifier flags).
 
@@ -151,8 +151,6 @@ def set_precision(model, impl, precision, device):
         return model
     if precision == "bf16":
         model.convert_to_fp16(th.bfloat16)
-        if impl == "ours" and th.device(device).type == "cpu":
-            model.to(memory_format=th.channels_last)
         return model
     if impl == "ours":
         return prepare_model_for_sampling(model, device, use_fp16=True)
@@ -461,6 +459,10 @@ def markdown(report):
             extra.append(f"ours half SAG / published `--use_fp16` SAG = {q:.2f}")
         if extra:
             lines.append("; ".join(extra) + ".")
+            lines.append("")
+        if str(m.get("device", "cpu")).startswith("cuda"):
+            rates = [f"{name} {batch / r['median']:.2f}" for name, r in res.items() if r["median"] > 0]
+            lines.append("Images per second (batch / seconds per step): " + "; ".join(rates) + ".")
             lines.append("")
     for arch, res in report.get("memory", {}).items():
         lines.append(f"### {arch}, batch {report['batch'][arch]}: peak memory of sampling (MiB)")

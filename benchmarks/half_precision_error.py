@@ -3,7 +3,7 @@ How far half-precision samples are from float32 ones, on the golden
 checkpoints (tests/golden): each case sampled in-process, as
 scripts/image_sample.py samples it (seed contract, SAG flags), once in
 float32 and once as ``--use_fp16 True`` runs (prepare_model_for_sampling:
-bfloat16 weights and channels-last on a CPU with native bfloat16); for
+bfloat16 weights on a CPU with native bfloat16); for
 comparison also with bfloat16 autocast over the float32 model, and with
 float16 weights (the published ``--use_fp16`` path, what a GPU runs; slow
 on a CPU).

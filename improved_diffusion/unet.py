@@ -83,7 +83,7 @@ def _softmax_weights(q, k, out_dtype):
     scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
     # More stable with f16 than dividing afterwards.
     weight = th.einsum("bct,bcs->bts", q * scale, k * scale)
-    return th.softmax(weight.float(), dim=-1).type(out_dtype)
+    return th.softmax(weight, dim=-1, dtype=th.float32).type(out_dtype)
 
 
 def attention_weights(qkv, n_heads, legacy=True, float32=False):

@@ -21,7 +21,11 @@ The model's flags and the default SAG flags come from its model card
 
     python scripts/compare_guidance.py classifier_accuracy [--classifier_path P]
 
-prints the noisy classifier's accuracy on test images diffused to t = 0 .. 999.
+prints the noisy classifier's accuracy on test images diffused to t = 0 .. 999;
+
+    python scripts/compare_guidance.py paired OUT_DIR/sag_n256.npz ... --base OUT_DIR/none_n256.npz
+
+prints paired differences (McNemar counts, bootstrap interval of the FID difference).
 """
 
 import argparse
@@ -161,9 +165,64 @@ def noisy_classifier_accuracy(classifier_path, timesteps=(0, 250, 500, 750, 999)
     return out
 
 
+def paired_stats(npz_path, base_path, n_boot=200, seed=0):
+    """
+    How sure is a difference between two sets drawn from the same seeds?
+
+    Accuracy: the samples right in one set only (a McNemar test's counts;
+    an exact two-sided binomial p-value on them). FID: a 95 % bootstrap
+    interval of FID(set) - FID(base), resampling the positions jointly.
+    """
+    import numpy as np
+    from scipy import stats as sstats
+
+    model = fashion_metrics.load_classifier()
+    mu_ref, sigma_ref = fashion_metrics.reference_stats(
+        model, fashion_metrics.DEFAULT_CLASSIFIER)
+    out = {}
+    feats, right = [], []
+    for path in (npz_path, base_path):
+        with np.load(path) as z:
+            images, labels = z["arr_0"], z["arr_1"]
+        feats.append(fashion_metrics.features(model, images))
+        right.append(fashion_metrics.predict(model, images) == labels)
+    only_a = int((right[0] & ~right[1]).sum())
+    only_b = int((~right[0] & right[1]).sum())
+    out["right_only_in_set"], out["right_only_in_base"] = only_a, only_b
+    k = only_a + only_b
+    out["mcnemar_p"] = (float(sstats.binomtest(only_a, k, 0.5).pvalue) if k else 1.0)
+    rng = np.random.default_rng(seed)
+    n = len(feats[0])
+    diffs = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        fa = fashion_metrics.frechet_distance(*fashion_metrics.feature_stats(feats[0][idx]),
+                                              mu_ref, sigma_ref)
+        fb = fashion_metrics.frechet_distance(*fashion_metrics.feature_stats(feats[1][idx]),
+                                              mu_ref, sigma_ref)
+        diffs.append(fa - fb)
+    out["fid_diff_ci95"] = [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]
+    return out
+
+
 def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] == ["paired"]:
+        q = argparse.ArgumentParser(description="paired differences of sample sets")
+        q.add_argument("sets", nargs="+", help="npz files to compare with --base")
+        q.add_argument("--base", required=True)
+        q.add_argument("--n_boot", type=int, default=200)
+        a = q.parse_args(argv[1:])
+        res = {}
+        for path in a.sets:
+            res[path] = paired_stats(path, a.base, n_boot=a.n_boot)
+            r = res[path]
+            print(f"{os.path.basename(path)} vs {os.path.basename(a.base)}: right only in set "
+                  f"{r['right_only_in_set']}, only in base {r['right_only_in_base']} "
+                  f"(McNemar p={r['mcnemar_p']:.3g}); FID difference 95% CI "
+                  f"[{r['fid_diff_ci95'][0]:.1f}, {r['fid_diff_ci95'][1]:.1f}]", flush=True)
+        return res
     if argv[:1] == ["classifier_accuracy"]:
         q = argparse.ArgumentParser(description="accuracy of the noisy classifier vs t")
         q.add_argument("--classifier_path", default=DEFAULT_CLASSIFIER)

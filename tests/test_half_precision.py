@@ -33,9 +33,11 @@ def test_prepare_model_for_sampling_cpu(monkeypatch):
     prepare_model_for_sampling(model, "cpu", use_fp16=True)
     conv = model.input_blocks[0][0]
     assert model.dtype == th.bfloat16 and conv.weight.dtype == th.bfloat16
-    assert conv.weight.is_contiguous(memory_format=th.channels_last)
+    assert conv.weight.is_contiguous()  # channels-last only on request
     assert model.time_embed[0].weight.dtype == th.float32  # as upstream: the torso only
     assert model.out[2].weight.dtype == th.float32
+    prepare_model_for_sampling(model, "cpu", use_fp16=True, channels_last=True)
+    assert conv.weight.is_contiguous(memory_format=th.channels_last)
     model32, _ = tiny_model()
     prepare_model_for_sampling(model32, "cpu", use_fp16=False)
     assert model32.dtype == th.float32 and model32.input_blocks[0][0].weight.is_contiguous()
@@ -79,3 +81,25 @@ def test_bf16_capture_map_is_float32():
     assert out.dtype == th.float32
     assert cap.weights.dtype == th.float32 and cap.key_mass.dtype == th.float32
     assert th.allclose(cap.weights.sum(-1), th.ones(()), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 9, 9), (3, 64, 50)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_group_norm_equals_float_path(shape, channels_last):
+    import torch.nn.functional as F
+
+    from improved_diffusion.nn import GroupNorm32
+
+    norm = GroupNorm32(32, 64)
+    with th.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (th.randn(*shape) * 4 + 1).to(th.bfloat16)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=th.channels_last)
+    got = norm(x)  # the direct bfloat16 path
+    want = F.group_norm(x.float(), 32, norm.weight, norm.bias, norm.eps).to(th.bfloat16)
+    assert got.dtype == th.bfloat16 and th.equal(got, want)
+    x16 = x.to(th.float16)  # other dtypes: through float32 and back
+    want16 = F.group_norm(x16.float(), 32, norm.weight, norm.bias, norm.eps).to(th.float16)
+    assert th.equal(norm(x16), want16)
