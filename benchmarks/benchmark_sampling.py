@@ -22,7 +22,8 @@ step) is timed by that one run instead, marked "1 run".
 Precisions: ``fp32``; ``half`` is what ``--use_fp16 True`` runs: for this
 fork prepare_model_for_sampling() (bfloat16 weights on a CPU with native
 bfloat16, float16 on CUDA), for the published code float16
-weights whatever the device; ``bf16`` forces bfloat16 weights for both.
+weights whatever the device; ``bf16`` forces bfloat16 weights for both;
+``half_cl`` (this fork only) is ``half`` with the model in channels-last.
 The classifier runs in float32 (the seed commands' classifier flags).
 
 ``--memory`` also measures the peak memory of sampling (CPU: peak RSS of a
@@ -145,6 +146,9 @@ def make_cond_fn(classifier, scale):
     return cond_fn
 
 
+PRECISIONS = ["fp32", "half", "bf16", "half_cl"]
+
+
 def set_precision(model, impl, precision, device):
     """Cast (and lay out) a UNet as `impl` runs `precision`."""
     if precision == "fp32":
@@ -152,6 +156,8 @@ def set_precision(model, impl, precision, device):
     if precision == "bf16":
         model.convert_to_fp16(th.bfloat16)
         return model
+    if precision == "half_cl":
+        return prepare_model_for_sampling(model, device, use_fp16=True, channels_last=True)
     if impl == "ours":
         return prepare_model_for_sampling(model, device, use_fp16=True)
     model.convert_to_fp16(th.float16)  # published: float16 weights on any device
@@ -270,6 +276,8 @@ def build_variants(arch, impls, precision, modes, device, batch, skip=()):
     for impl in impls:
         if all(f"{impl}/{precision}/{mode}" in skip for mode in modes):
             continue
+        if precision == "half_cl" and impl != "ours":
+            continue  # an option of this fork only
         unet = set_precision(build_unet(arch).to(device), impl, precision, device)
         if impl == "published":
             s = spec["sag"]
@@ -366,7 +374,7 @@ def measure_memory(arch, impls, precisions, modes, device, batch, steps, threads
     for precision in precisions:
         for impl in impls:
             for mode in modes:
-                if f"{impl}/{precision}/{mode}" in skip:
+                if f"{impl}/{precision}/{mode}" in skip or (precision == "half_cl" and impl != "ours"):
                     continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--memory_child",
                        ",".join([arch, impl, precision, mode]), "--device", device,
@@ -431,7 +439,7 @@ def markdown(report):
         lines.append(f"### {arch}, batch {batch}: seconds per step (median of {report['repeats']}, "
                      f"steps {report['steps'][0]} and {report['steps'][1]})")
         lines.append("")
-        precisions = sorted({k.split("/")[1] for k in res}, key=["fp32", "half", "bf16"].index)
+        precisions = sorted({k.split("/")[1] for k in res}, key=PRECISIONS.index)
         impls = [i for i in ("ours", "published") if any(k.startswith(i + "/") for k in res)]
         header = "| precision | mode | " + " | ".join(impls) + (" | ours / published |" if len(impls) == 2 else " |")
         lines.append(header)

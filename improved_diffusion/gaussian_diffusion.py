@@ -635,7 +635,7 @@ class GaussianDiffusion:
         """
         img, indices = self._loop_start(model, shape, noise, device, progress, generator)
         for i in indices:
-            t = th.tensor([i] * shape[0], device=img.device)
+            t = th.full((shape[0],), i, device=img.device, dtype=th.long)  # no host copy
             with th.no_grad():
                 out = self.p_sample(
                     model,
@@ -827,7 +827,7 @@ class GaussianDiffusion:
         """
         img, indices = self._loop_start(model, shape, noise, device, progress, generator)
         for i in indices:
-            t = th.tensor([i] * shape[0], device=img.device)
+            t = th.full((shape[0],), i, device=img.device, dtype=th.long)  # no host copy
             with th.no_grad():
                 out = self.ddim_sample(
                     model,

@@ -1,0 +1,99 @@
+"""
+The GPU paths: fused attention in every layer but the captured one, float16
+sampling with SAG, and the seed contract across devices. Skipped without
+CUDA (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
+"""
+
+import pytest
+import torch as th
+
+from conftest import tiny_model
+from improved_diffusion import unet
+from improved_diffusion.attention_capture import AttentionCapture
+from improved_diffusion.random_util import BatchGenerator
+from improved_diffusion.sag import SelfAttentionGuidance
+from improved_diffusion.script_util import half_dtype_for, prepare_model_for_sampling
+from improved_diffusion.unet import QKVAttention, QKVAttentionLegacy, einsum_attention, sdpa_attention
+
+pytestmark = pytest.mark.skipif(not th.cuda.is_available(), reason="needs CUDA")
+
+DEV = "cuda"
+
+
+def _to8(x):
+    return ((x + 1) * 127.5).clamp(0, 255).to(th.uint8).long()
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("dtype,atol", [(th.float32, 1e-4), (th.float16, 2e-3), (th.bfloat16, 2e-2)])
+def test_sdpa_matches_einsum_on_cuda(legacy, dtype, atol):
+    g = th.Generator().manual_seed(0)
+    qkv = th.randn(3, 3 * 4 * 64, 1024, generator=g).to(DEV)
+    want = einsum_attention(qkv, 4, legacy=legacy)
+    got = sdpa_attention(qkv.to(dtype), 4, legacy=legacy)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert th.allclose(got.float(), want, atol=atol), (got.float() - want).abs().max()
+
+
+def test_auto_backend_is_sdpa_on_cuda(monkeypatch):
+    monkeypatch.delenv(unet.ATTENTION_BACKEND_ENV, raising=False)
+    op = QKVAttentionLegacy(2)
+    assert op.uses_sdpa(th.zeros(1, 12, 4, device=DEV))
+
+
+def test_captured_layer_computes_once_others_fused(monkeypatch):
+    """Every uncaptured layer takes sdpa; the captured one computes its weights once."""
+    model, _ = tiny_model()
+    model.to(DEV)
+    prepare_model_for_sampling(model, DEV, use_fp16=True)
+    assert model.dtype == th.float16
+    block = model.attention_blocks()[("output", 0)]
+    ops = [m for m in model.modules() if isinstance(m, (QKVAttention, QKVAttentionLegacy))]
+    sdpa_calls, softmax_calls = [], []
+    real_sdpa, real_softmax = unet.sdpa_attention, unet._softmax_weights
+    monkeypatch.setattr(unet, "sdpa_attention", lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
+    monkeypatch.setattr(unet, "_softmax_weights", lambda *a: softmax_calls.append(1) or real_softmax(*a))
+    x = th.randn(2, 3, 16, 16, device=DEV)
+    t = th.tensor([10, 500], device=DEV)
+    with th.no_grad():
+        plain = model(x, t)
+        n_plain = len(sdpa_calls)
+        assert not softmax_calls  # no explicit attention anywhere
+        with AttentionCapture(block, keep="key_mass") as cap:
+            guided = model(x, t)
+    assert n_plain == len(ops)
+    assert len(sdpa_calls) - n_plain == len(ops) - 1  # all but the captured layer
+    assert len(softmax_calls) == 1 and cap.calls == 1
+    assert cap.key_mass.dtype == th.float32 and th.isfinite(cap.key_mass).all()
+    assert th.allclose(guided.float(), plain.float(), atol=5e-3)
+
+
+@pytest.mark.parametrize("ddim", [False, True])
+def test_fp16_sag_sampling_on_cuda_close_to_cpu_fp32(ddim):
+    model, diffusion = tiny_model()
+    sag = SelfAttentionGuidance(model, scale=1.5, depth=0, num_heads=2, blur_sigma=1.0)
+    fn = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
+    shape = (4, 3, 16, 16)
+    want = fn(model, shape, sag=sag, generator=BatchGenerator([0, 1, 2, 3]))
+    other = fn(model, shape, sag=sag, generator=BatchGenerator([4, 5, 6, 7]))
+    model.to(DEV)
+    got32 = fn(model, shape, sag=sag, device=DEV, generator=BatchGenerator([0, 1, 2, 3]))
+    model.convert_to_fp16(half_dtype_for(DEV, True))
+    got16 = fn(model, shape, sag=sag, device=DEV, generator=BatchGenerator([0, 1, 2, 3]))
+    apart = (_to8(other) - _to8(want)).abs().float().mean()
+    for got, limit in ((got32, 1.0), (got16, 4.0)):
+        assert got.device.type == "cuda" and got.dtype == th.float32 and th.isfinite(got).all()
+        d = (_to8(got.cpu()) - _to8(want)).abs().float().mean()
+        assert d < limit and d < 0.1 * apart, (d, apart)
+
+
+def test_generator_draws_on_cuda_equal_cpu_draws():
+    """Drawn ahead into pinned memory and copied without waiting: the same numbers."""
+    cpu, gpu = BatchGenerator([0, 1, 2]), BatchGenerator([0, 1, 2])
+    for step in range(4):
+        want = cpu.randn((3, 3, 8, 8))
+        got = gpu.randn((3, 3, 8, 8), device=DEV)
+        assert got.device.type == "cuda" and th.equal(got.cpu(), want)
+        if step == 1:
+            assert th.equal(gpu.randint(10, device=DEV).cpu(), cpu.randint(10))
+    assert gpu._executor is not None
