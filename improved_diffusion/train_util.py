@@ -103,24 +103,8 @@ class TrainLoop:
                 copy.deepcopy(self.mp_trainer.master_params) for _ in range(len(self.ema_rate))
             ]
 
-        if dist_util.is_distributed():
-            self.use_ddp = True
-            device = dist_util.dev()
-            device_ids = [device] if device.type == "cuda" else None
-            self.ddp_model = DDP(
-                self.model,
-                device_ids=device_ids,
-                output_device=device_ids[0] if device_ids else None,
-                broadcast_buffers=False,
-                bucket_cap_mb=128,
-                find_unused_parameters=False,
-            )
-        else:
-            self.use_ddp = False
-            self.ddp_model = self.model
-
-        self._last_log_time = time.time()
-        self._last_log_step = 0
+        self.ddp_model, self.use_ddp = wrap_ddp(self.model)
+        self.speed = StepRateLogger()
 
     # ------------------------------------------------------------------
     # Resuming
@@ -154,19 +138,8 @@ class TrainLoop:
         return ema_params
 
     def _load_optimizer_state(self):
-        opt_checkpoint = bf.join(
-            bf.dirname(self._main_checkpoint()), f"opt{self.resume_step:06}.pt"
-        )
-        if bf.exists(opt_checkpoint):
-            logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
-            state_dict = dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev())
-            # Extra key written by save() for fp16 runs (absent in upstream files).
-            lg_loss_scale = state_dict.pop("lg_loss_scale", None)
-            if self.use_fp16 and lg_loss_scale is not None:
-                self.mp_trainer.lg_loss_scale = float(lg_loss_scale)
-            self.opt.load_state_dict(state_dict)
-        else:
-            logger.warn(f"no optimizer checkpoint {opt_checkpoint}; fresh optimizer state")
+        path = bf.join(bf.dirname(self._main_checkpoint()), f"opt{self.resume_step:06}.pt")
+        load_optimizer_state(self.opt, self.mp_trainer, path)
 
     # ------------------------------------------------------------------
     # Training
@@ -185,7 +158,7 @@ class TrainLoop:
             self.run_step(batch, cond)
             global_step = self.step + self.resume_step
             if global_step % self.log_interval == 0:
-                self._log_speed()
+                self.speed.log(self.step)
                 logger.dumpkvs()
             if global_step % self.save_interval == 0:
                 self.save()
@@ -254,13 +227,6 @@ class TrainLoop:
         logger.logkv("step", self.step + self.resume_step)
         logger.logkv("samples", (self.step + self.resume_step) * self.global_batch)
 
-    def _log_speed(self):
-        now = time.time()
-        steps = self.step - self._last_log_step
-        if steps > 0 and now > self._last_log_time:
-            logger.logkv("steps_per_sec", steps / (now - self._last_log_time))
-        self._last_log_time, self._last_log_step = now, self.step
-
     # ------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------
@@ -289,6 +255,57 @@ class TrainLoop:
             _atomic_save(opt_state, bf.join(logdir, f"opt{global_step:06d}.pt"))
 
         dist_util.barrier()
+
+
+def wrap_ddp(model):
+    """
+    (model wrapped in DistributedDataParallel, True) when this process is one
+    rank of several (device ids on CUDA only), else (model, False).
+    """
+    if not dist_util.is_distributed():
+        return model, False
+    device = dist_util.dev()
+    device_ids = [device] if device.type == "cuda" else None
+    ddp = DDP(
+        model,
+        device_ids=device_ids,
+        output_device=device_ids[0] if device_ids else None,
+        broadcast_buffers=False,
+        bucket_cap_mb=128,
+        find_unused_parameters=False,
+    )
+    return ddp, True
+
+
+def load_optimizer_state(opt, mp_trainer, path):
+    """
+    Load optNNNNNN.pt into `opt` (and the fp16 loss scale that save() adds for
+    fp16 runs; absent in upstream files); warn and keep a fresh state when
+    the file is missing.
+    """
+    if not bf.exists(path):
+        logger.warn(f"no optimizer checkpoint {path}; fresh optimizer state")
+        return
+    logger.log(f"loading optimizer state from checkpoint: {path}")
+    state_dict = dist_util.load_state_dict(path, map_location=dist_util.dev())
+    lg_loss_scale = state_dict.pop("lg_loss_scale", None)
+    if mp_trainer.use_fp16 and lg_loss_scale is not None:
+        mp_trainer.lg_loss_scale = float(lg_loss_scale)
+    opt.load_state_dict(state_dict)
+
+
+class StepRateLogger:
+    """Logs steps_per_sec over the steps since its previous log."""
+
+    def __init__(self):
+        self.time, self.step = time.time(), 0
+
+    def log(self, step):
+        now = time.time()
+        steps = step - self.step
+        if steps > 0 and now > self.time:
+            logger.logkv("steps_per_sec", steps / (now - self.time))
+        self.time, self.step = now, step
 
 
 def _atomic_save(obj, path):

@@ -21,14 +21,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import blobfile as bf  # noqa: E402
 import torch as th  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.nn.parallel.distributed import DistributedDataParallel as DDP  # noqa: E402
 from torch.optim import AdamW  # noqa: E402
 
 from improved_diffusion import dist_util, logger  # noqa: E402
@@ -43,9 +41,12 @@ from improved_diffusion.script_util import (  # noqa: E402
     write_model_card,
 )
 from improved_diffusion.train_util import (  # noqa: E402
+    StepRateLogger,
     _atomic_save,
+    load_optimizer_state,
     log_loss_dict,
     parse_resume_step_from_filename,
+    wrap_ddp,
 )
 
 # guided-diffusion starts the classifier's loss scale lower than the UNet's.
@@ -139,35 +140,12 @@ class ClassifierTrainer:
         if self.resume_step:
             self._load_optimizer_state()
 
-        if dist_util.is_distributed():
-            device = dist_util.dev()
-            device_ids = [device] if device.type == "cuda" else None
-            self.use_ddp = True
-            self.ddp_model = DDP(
-                self.model,
-                device_ids=device_ids,
-                output_device=device_ids[0] if device_ids else None,
-                broadcast_buffers=False,
-                bucket_cap_mb=128,
-                find_unused_parameters=False,
-            )
-        else:
-            self.use_ddp = False
-            self.ddp_model = self.model
-        self._last_log_time = time.time()
-        self._last_log_step = 0
+        self.ddp_model, self.use_ddp = wrap_ddp(self.model)
+        self.speed = StepRateLogger()
 
     def _load_optimizer_state(self):
         path = bf.join(bf.dirname(self.resume_checkpoint), f"opt{self.resume_step:06}.pt")
-        if not bf.exists(path):
-            logger.warn(f"no optimizer checkpoint {path}; fresh optimizer state")
-            return
-        logger.log(f"loading optimizer state from checkpoint: {path}")
-        state = dist_util.load_state_dict(path, map_location=dist_util.dev())
-        lg_loss_scale = state.pop("lg_loss_scale", None)
-        if self.use_fp16 and lg_loss_scale is not None:
-            self.mp_trainer.lg_loss_scale = float(lg_loss_scale)
-        self.opt.load_state_dict(state)
+        load_optimizer_state(self.opt, self.mp_trainer, path)
 
     # ------------------------------------------------------------------
 
@@ -182,7 +160,7 @@ class ClassifierTrainer:
                     and gstep % self.eval_interval == 0:
                 self.evaluate()
             if gstep % self.log_interval == 0:
-                self._log_speed()
+                self.speed.log(self.step)
                 logger.dumpkvs()
             if gstep % self.save_interval == 0:
                 self.save()
@@ -250,13 +228,6 @@ class ClassifierTrainer:
             if first:
                 self.mp_trainer.zero_grad()
             self.mp_trainer.backward(loss * len(sub_batch) / n)
-
-    def _log_speed(self):
-        now = time.time()
-        steps = self.step - self._last_log_step
-        if steps > 0 and now > self._last_log_time:
-            logger.logkv("steps_per_sec", steps / (now - self._last_log_time))
-        self._last_log_time, self._last_log_step = now, self.step
 
     def save(self):
         """Write modelNNNNNN.pt (+ card) and optNNNNNN.pt on rank 0, then barrier."""
