@@ -7,6 +7,8 @@ replicated to RGB, see improved_diffusion/fashion_mnist.py).  It is used to
 measure class-conditional samples:
 
 * accuracy: fraction of samples whose predicted class equals their drawn label;
+* colour cast: the mean over all pixels of (max - min over R, G, B), in
+  levels of 0..255; Fashion-MNIST is gray, so real images give 0;
 * feature FID: Frechet distance between Gaussian fits of the classifier's
   penultimate-layer features (128-d) of the samples and of a reference split
   (default: the 10,000 test images).  This is *not* the Inception FID and is
@@ -234,6 +236,12 @@ def reference_stats(
     return mu, sigma
 
 
+def colour_cast(images):
+    """Mean over pixels of max - min across the colour channels of uint8 NHWC images (levels)."""
+    images = np.asarray(images)
+    return float((images.max(axis=-1).astype(np.int16) - images.min(axis=-1)).mean())
+
+
 def score(
     samples_path,
     classifier_path=DEFAULT_CLASSIFIER,
@@ -241,7 +249,7 @@ def score(
     ref_stats_path=DEFAULT_REF_STATS,
     source_dir=DEFAULT_SOURCE_DIR,
 ):
-    """Return dict(n, accuracy (None without labels), fid)."""
+    """Return dict(n, accuracy (None without labels), fid, colour_cast)."""
     model = load_classifier(classifier_path)
     with np.load(samples_path) as z:
         images = z["arr_0"]
@@ -249,7 +257,7 @@ def score(
     acc = accuracy(model, images, labels) if labels is not None else None
     mu, sigma = reference_stats(model, classifier_path, ref, ref_stats_path, source_dir)
     fid = feature_fid(images, (mu, sigma), model=model)
-    return dict(n=len(images), accuracy=acc, fid=fid)
+    return dict(n=len(images), accuracy=acc, fid=fid, colour_cast=colour_cast(images))
 
 
 def train(
@@ -374,6 +382,7 @@ def main(argv=None):
     else:
         print("accuracy: %.4f" % r["accuracy"])
     print("feature FID vs %s split: %.6f" % (args.ref, r["fid"]))
+    print("colour cast: %.3f levels" % r["colour_cast"])
     return 0
 
 

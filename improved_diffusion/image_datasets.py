@@ -7,6 +7,7 @@ import random
 
 import blobfile as bf
 import numpy as np
+import torch as th
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -24,6 +25,9 @@ def load_data(
     deterministic=False,
     random_crop=False,
     random_flip=True,
+    in_memory=False,
+    seed=None,
+    start_batch=0,
 ):
     """
     For a dataset, create a generator over (images, kwargs) pairs.
@@ -44,6 +48,14 @@ def load_data(
     :param deterministic: if True, yield results in a deterministic order.
     :param random_crop: if True, randomly crop the images for augmentation.
     :param random_flip: if True, randomly flip the images for augmentation.
+    :param in_memory: if True, decode this rank's images once into one uint8
+        array and draw batches from it in this process (no loader worker,
+        no per-step decoding); for datasets that fit in memory. Not with
+        random_crop.
+    :param seed, start_batch: in_memory only: with a seed, the order and
+        flips of epoch e come from (seed, rank, e), so batch k is the same
+        whenever it is drawn, and the generator starts at batch
+        `start_batch` (the steps a resumed run has already taken).
     """
     if not data_dir:
         raise ValueError("unspecified data directory")
@@ -71,6 +83,14 @@ def load_data(
             f"this rank's shard has {len(dataset)} images, fewer than "
             f"batch_size={batch_size} (data_dir={data_dir})"
         )
+    if in_memory:
+        if random_crop:
+            raise ValueError("in_memory data decodes each image once; it cannot take random_crop")
+        yield from _in_memory_batches(
+            dataset, batch_size, deterministic, random_flip,
+            seed=seed, rank=dist_util.get_rank(), start_batch=start_batch,
+        )
+        return
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -80,6 +100,37 @@ def load_data(
     )
     while True:
         yield from loader
+
+
+def _in_memory_batches(dataset, batch_size, deterministic, random_flip, seed=None, rank=0,
+                       start_batch=0):
+    """Endless (NCHW float batch in [-1, 1], kwargs) from the decoded dataset, epoch by epoch."""
+    images = np.stack([dataset.decode(i) for i in range(len(dataset))])  # N, H, W, C uint8
+    images = th.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    labels = None
+    if dataset.local_classes is not None:
+        labels = th.tensor(dataset.local_classes, dtype=th.int64)
+    per_epoch = len(images) // batch_size
+    unseeded = th.Generator()
+    unseeded.seed()
+    epoch, first = divmod(start_batch, per_epoch)
+    while True:
+        if seed is None:
+            generator = unseeded
+        else:
+            key = np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]
+            generator = th.Generator().manual_seed(int(key))
+        order = (th.arange(len(images)) if deterministic
+                 else th.randperm(len(images), generator=generator))
+        flips = th.rand(len(images), generator=generator) < 0.5
+        for b in range(first, per_epoch):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            batch = images[idx].float() / 127.5 - 1
+            if random_flip:
+                flip = flips[b * batch_size : (b + 1) * batch_size]
+                batch[flip] = batch[flip].flip(-1)
+            yield batch, ({} if labels is None else {"y": labels[idx]})
+        epoch, first = epoch + 1, 0
 
 
 def _list_image_files_recursively(data_dir):
@@ -115,13 +166,18 @@ class ImageDataset(Dataset):
     def __len__(self):
         return len(self.local_images)
 
-    def __getitem__(self, idx):
-        path = self.local_images[idx]
-        with bf.BlobFile(path, "rb") as f:
+    def decode(self, idx):
+        """Image `idx` as an H x W x 3 uint8 array, centre-cropped to the resolution."""
+        return center_crop_arr(self._open(idx), self.resolution)
+
+    def _open(self, idx):
+        with bf.BlobFile(self.local_images[idx], "rb") as f:
             pil_image = Image.open(f)
             pil_image.load()
-        pil_image = pil_image.convert("RGB")
+        return pil_image.convert("RGB")
 
+    def __getitem__(self, idx):
+        pil_image = self._open(idx)
         if self.random_crop:
             arr = random_crop_arr(pil_image, self.resolution)
         else:

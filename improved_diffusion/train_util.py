@@ -9,11 +9,13 @@ from it continues with step NNNNNN + 1.
 
 import copy
 import functools
+import math
 import os
 import secrets
 import time
 
 import blobfile as bf
+import numpy as np
 import torch as th
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
@@ -22,6 +24,7 @@ from . import dist_util, logger
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
+from .script_util import cpu_supports_bf16
 
 
 class TrainLoop:
@@ -44,6 +47,13 @@ class TrainLoop:
         weight_decay=0.0,
         lr_anneal_steps=0,
         max_steps=0,
+        lr_warmup_steps=0,
+        lr_cosine_steps=0,
+        lr_final=0.0,
+        ema_warmup=False,
+        bf16_autocast=False,
+        init_checkpoint="",
+        seed=None,
     ):
         """
         :param data: an iterator of (batch, cond) pairs, as from load_data().
@@ -57,7 +67,29 @@ class TrainLoop:
         :param lr_anneal_steps: if > 0, anneal the lr linearly to 0 and stop
             after this many (global) steps.
         :param max_steps: if > 0, stop after this many steps of this run.
+        :param lr_warmup_steps, lr_cosine_steps, lr_final: see learning_rate().
+        :param ema_warmup: if True, see ema_decay(); False keeps upstream's
+            constant rates.
+        :param bf16_autocast: run forward and backward under bfloat16
+            autocast (parameters, optimizer and losses stay float32); for
+            CPUs with fast bfloat16 (AVX512-BF16, AMX) and CUDA. Unrelated to
+            use_fp16, which keeps upstream's float16 weights and loss scaling.
+        :param init_checkpoint: a state dict to start the weights from, as a
+            new run (step 0, fresh optimizer, EMA from these weights); for
+            continuing a run use resume_checkpoint.
+        :param seed: if not None, the global torch and numpy generators are
+            reseeded before every step from (seed, rank, step), so a step's
+            noise, timesteps and dropout depend only on the step: a run
+            resumed from a checkpoint continues exactly as an uninterrupted
+            one (with data that also depends only on the step, such as
+            load_data(in_memory=True, seed=..., start_batch=...)).
         """
+        if lr_anneal_steps and lr_cosine_steps:
+            raise ValueError("--lr_anneal_steps and --lr_cosine_steps are two lr schedules; pass one")
+        if init_checkpoint and resume_checkpoint:
+            raise ValueError("--init_checkpoint starts a new run and --resume_checkpoint continues one; pass one")
+        if bf16_autocast and use_fp16:
+            raise ValueError("--bf16_autocast and --use_fp16 are two mixed-precision modes; pass one")
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -78,6 +110,17 @@ class TrainLoop:
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
         self.max_steps = max_steps
+        self.lr_warmup_steps = lr_warmup_steps
+        self.lr_cosine_steps = lr_cosine_steps
+        self.lr_final = lr_final
+        self.ema_warmup = ema_warmup
+        if bf16_autocast and dist_util.dev().type == "cpu" and not cpu_supports_bf16():
+            logger.warn("--bf16_autocast True: this CPU has no native bfloat16 support "
+                        "(emulated bfloat16 is many times slower); training in float32")
+            bf16_autocast = False
+        self.bf16_autocast = bf16_autocast
+        self.init_checkpoint = init_checkpoint
+        self.seed = seed
 
         self.step = 0
         self.resume_step = 0
@@ -115,6 +158,11 @@ class TrainLoop:
 
     def _load_and_sync_parameters(self):
         resume_checkpoint = self._main_checkpoint()
+        if self.init_checkpoint and not resume_checkpoint:
+            logger.log(f"initialising the weights from {self.init_checkpoint} (a new run: step 0)")
+            self.model.load_state_dict(
+                dist_util.load_state_dict(self.init_checkpoint, map_location=dist_util.dev())
+            )
         if resume_checkpoint:
             self.resume_step = parse_resume_step_from_filename(resume_checkpoint)
             logger.log(f"loading model from checkpoint: {resume_checkpoint}...")
@@ -171,13 +219,23 @@ class TrainLoop:
 
     def run_step(self, batch, cond):
         """One optimizer step (forward/backward over all microbatches)."""
+        if self.seed is not None:
+            seed_global_rngs(self.seed, dist_util.get_rank(), self.step + self.resume_step)
+        self._set_lr()
         self.forward_backward(batch, cond)
         took_step = self.mp_trainer.optimize(self.opt)
         if took_step:
             self._update_ema()
         self.step += 1
-        self._anneal_lr()
         self.log_step()
+
+    def _model_fn(self, x, t, **kwargs):
+        """The model as the losses call it: under bfloat16 autocast if asked, float32 out."""
+        if not self.bf16_autocast:
+            return self.ddp_model(x, t, **kwargs)
+        with th.autocast(device_type=x.device.type, dtype=th.bfloat16):
+            out = self.ddp_model(x, t, **kwargs)
+        return out.float()
 
     def forward_backward(self, batch, cond):
         self.mp_trainer.zero_grad()
@@ -191,7 +249,7 @@ class TrainLoop:
 
             compute_losses = functools.partial(
                 self.diffusion.training_losses,
-                self.ddp_model,
+                self._model_fn,
                 micro,
                 t,
                 model_kwargs=micro_cond,
@@ -211,17 +269,24 @@ class TrainLoop:
             self.mp_trainer.backward(loss)
 
     def _update_ema(self):
+        steps_before = self.step + self.resume_step
         for rate, params in zip(self.ema_rate, self.ema_params):
-            update_ema(params, self.mp_trainer.master_params, rate=rate)
+            decay = ema_decay(rate, steps_before) if self.ema_warmup else rate
+            update_ema(params, self.mp_trainer.master_params, rate=decay)
 
-    def _anneal_lr(self):
-        """Set the lr for the next step: lr * (1 - steps_done / lr_anneal_steps)."""
-        if not self.lr_anneal_steps:
-            return
-        frac_done = (self.step + self.resume_step) / self.lr_anneal_steps
-        lr = self.lr * max(0.0, 1 - frac_done)
+    def _set_lr(self):
+        """Set the lr of the coming step from the number of steps already taken."""
+        lr = learning_rate(
+            self.step + self.resume_step,
+            self.lr,
+            anneal_steps=self.lr_anneal_steps,
+            warmup_steps=self.lr_warmup_steps,
+            cosine_steps=self.lr_cosine_steps,
+            final=self.lr_final,
+        )
         for param_group in self.opt.param_groups:
             param_group["lr"] = lr
+        logger.logkv("lr", lr)
 
     def log_step(self):
         logger.logkv("step", self.step + self.resume_step)
@@ -255,6 +320,45 @@ class TrainLoop:
             _atomic_save(opt_state, bf.join(logdir, f"opt{global_step:06d}.pt"))
 
         dist_util.barrier()
+
+
+def learning_rate(steps_done, base, anneal_steps=0, warmup_steps=0, cosine_steps=0, final=0.0):
+    """
+    The lr of the step that follows `steps_done` optimizer steps.
+
+    Upstream (all options 0): `base`, or with `anneal_steps` the linear
+    anneal base * (1 - steps_done / anneal_steps). `cosine_steps` > 0 decays
+    instead from base to `final` along half a cosine, reaching `final` at
+    step `cosine_steps` and holding it. `warmup_steps` > 0 multiplies either
+    by min(1, (steps_done + 1) / warmup_steps).
+    """
+    if anneal_steps:
+        lr = base * max(0.0, 1.0 - steps_done / anneal_steps)
+    elif cosine_steps:
+        frac = min(1.0, steps_done / cosine_steps)
+        lr = final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    else:
+        lr = base
+    if warmup_steps:
+        lr *= min(1.0, (steps_done + 1) / warmup_steps)
+    return lr
+
+
+def seed_global_rngs(*keys):
+    """Seed torch's and numpy's global generators from a tuple of integers."""
+    state = np.random.SeedSequence(list(keys)).generate_state(2)
+    th.manual_seed(int(state[0]))
+    np.random.seed(int(state[1]))
+
+
+def ema_decay(rate, steps_before):
+    """
+    EMA decay with warm-up: min(rate, (1 + n) / (10 + n)) for the update
+    after n = `steps_before` optimizer steps, so the average forgets the
+    initial weights within the first few hundred steps instead of
+    1 / (1 - rate) of them.
+    """
+    return min(rate, (1.0 + steps_before) / (10.0 + steps_before))
 
 
 def wrap_ddp(model):

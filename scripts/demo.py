@@ -149,7 +149,8 @@ def main(argv=None):
                    argv=cmd)
     if args.score:
         result = score_samples(npz)
-        metrics.update(accuracy=result["accuracy"], fid=result["fid"])
+        metrics.update(accuracy=result["accuracy"], fid=result["fid"],
+                       colour_cast=result["colour_cast"])
     metrics_path = os.path.join(out_dir, "metrics.json")
     with open(metrics_path, "w") as f:
         json.dump(metrics, f, indent=1)
@@ -160,6 +161,8 @@ def main(argv=None):
         print(f"  accuracy of the drawn labels (our Fashion-MNIST classifier): "
               f"{metrics['accuracy']:.4f}")
         print(f"  feature FID vs the test split (n={args.num_samples}): {metrics['fid']:.2f}")
+        print(f"  colour cast (mean max-min over R, G, B; gray data: 0): "
+              f"{metrics['colour_cast']:.2f} levels")
     print(f"  samples: {npz}")
     pics = pictures(out_dir)
     for path in pics:

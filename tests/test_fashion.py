@@ -159,6 +159,17 @@ def test_frechet_distance_known_value():
     assert fm.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(12.0, abs=1e-8)
 
 
+def test_colour_cast_by_hand():
+    img = np.zeros((1, 2, 2, 3), dtype=np.uint8)
+    img[0, 0, 0] = (10, 10, 10)   # gray: 0
+    img[0, 0, 1] = (0, 255, 7)    # 255
+    img[0, 1, 0] = (200, 190, 20)  # 180
+    img[0, 1, 1] = (3, 4, 5)      # 2
+    assert fm.colour_cast(img) == pytest.approx((0 + 255 + 180 + 2) / 4)
+    gray = np.repeat(_rand_images(4, 5)[..., :1], 3, axis=-1)
+    assert fm.colour_cast(gray) == 0.0
+
+
 def test_accuracy_tiny_model():
     model = _tiny_model()
     imgs = _rand_images(40, 3)

@@ -203,9 +203,18 @@ def test_lr_anneal_and_training_test_env(tmp_path, monkeypatch):
     model, diffusion = tiny_model_and_diffusion()
     data, _ = fixed_data()
     loop = make_loop(model, diffusion, data, tmp_path, lr_anneal_steps=4, save_interval=100)
+    applied = []
+    step = loop.opt.step
+
+    def recording_step(*a, **k):  # the lr each optimizer step applies
+        applied.append(loop.opt.param_groups[0]["lr"])
+        return step(*a, **k)
+
+    loop.opt.step = recording_step
     loop.run_loop()
     assert loop.step == 4
-    assert loop.opt.param_groups[0]["lr"] == 0.0
+    # upstream: lr * (1 - steps_done / lr_anneal_steps), lr = 2e-3
+    assert applied == pytest.approx([2e-3, 1.5e-3, 1e-3, 5e-4])
     assert (tmp_path / "model000004.pt").exists()
 
     monkeypatch.setenv("DIFFUSION_TRAINING_TEST", "1")
