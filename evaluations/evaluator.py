@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):  # run as a script: make `evaluations` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from improved_diffusion.npz_io import UnsupportedNpyVersion, read_npy_header  # noqa: E402
 from evaluations.fid_inception import (  # noqa: E402
     FID_WEIGHTS_FILENAME,
     POOL_DIM,
@@ -433,12 +434,9 @@ class NpzBatch:
 
 
 def _read_npy_header(f):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:  # other format versions: read through np.load instead of streaming
+    try:
+        shape, fortran, dtype = read_npy_header(f)
+    except UnsupportedNpyVersion:  # read through np.load instead of streaming
         return None, None, None, False
     return shape, fortran, dtype, True
 

@@ -395,3 +395,42 @@ def sync_params(params):
     for p in params:
         with th.no_grad():
             dist.broadcast(p, 0)
+
+
+# ---------------------------------------------------------------------------
+# Small Python objects between ranks (no-ops in a single process)
+# ---------------------------------------------------------------------------
+
+_OBJECT_GROUP = {}
+
+
+def _object_group():
+    """
+    The group for small object collectives: the default group under gloo,
+    else a gloo group beside it (no GPU involved, and it works when several
+    ranks share one GPU, which nccl refuses). Created by the first
+    collective, which every rank reaches together.
+    """
+    if dist.get_backend() == "gloo":
+        return None
+    if "gloo" not in _OBJECT_GROUP:
+        _OBJECT_GROUP["gloo"] = dist.new_group(backend="gloo", timeout=get_timeout())
+    return _OBJECT_GROUP["gloo"]
+
+
+def gather_objects(obj):
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_object_group())
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_object_group())
+    return box[0]

@@ -12,6 +12,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from .file_util import atomic_write
+
 
 def to_pixels(x):
     """
@@ -60,9 +62,8 @@ def make_grid(images, ncols=None, pad=2, pad_value=255):
 
 def save_png(path, picture):
     """Write a uint8 HxWx3 array as PNG (temporary name, then rename)."""
-    tmp = path + ".tmp"
-    Image.fromarray(np.ascontiguousarray(picture)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(np.ascontiguousarray(picture)).save(f, format="PNG")
     return path
 
 
@@ -129,6 +130,13 @@ class AttentionMaskRecorder:
                 mask_to_pixels(out["sag_mask"][:k]),
                 to_pixels(out["sag_degraded_xstart"][:k]),
             )
+
+    def batch_done(self, final_images):
+        """Write the pictures (see :meth:`save`); returns a line for the log."""
+        saved = self.save(final_images)
+        if not saved:
+            return "--save_attention_masks: no guided step in this run, no pictures"
+        return f"saved SAG pictures of {len(saved)} steps in {self.out_dir}"
 
     def save(self, final_images):
         """Write the pictures; `final_images` is the batch's uint8 NHWC result."""

@@ -16,24 +16,26 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from improved_diffusion import dist_util  # noqa: E402
-from improved_diffusion.sample_run import SampleRun, agree, report_result  # noqa: E402
-from improved_diffusion.sample_util import (  # noqa: E402
-    classifier_from_args,
-    describe_setup,
-    draw_batch,
-    make_cond_fn,
-    make_sag,
-    model_from_args,
-    new_parser,
+from improved_diffusion.checkpoints import classifier_from_args  # noqa: E402
+from improved_diffusion.cli import (  # noqa: E402
+    agree,
     parse_args_with_card,
     pure_usage_error,
     run_main,
-    sample_defaults,
-    to_uint8,
+    sampling_argparser,
     validate_sample_args,
 )
+from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
+from improved_diffusion.sampling import (  # noqa: E402
+    describe_setup,
+    draw_batch,
+    make_cond_fn,
+    model_and_sag_from_args,
+    sag_pictures,
+    sampler_settings,
+    to_uint8,
+)
 from improved_diffusion.script_util import (  # noqa: E402
-    add_dict_to_argparser,
     classifier_defaults,
     model_and_diffusion_defaults,
     sag_defaults,
@@ -53,48 +55,41 @@ def main(argv=None):
     files = {"model_path": args.model_path}
     if guided:
         files["classifier_path"] = args.classifier_path
-    with SampleRun(args, "classifier_sample", args.image_size, True, files) as run:
-        if run.prepare():
-            model, diffusion = agree(model_from_args, args)
-            cond_fn = None
-            if guided:
-                classifier = agree(classifier_from_args, args)
-                cond_fn = make_cond_fn(classifier, args.classifier_scale)
-            sag = agree(make_sag, model, args)
-            device = dist_util.dev()
 
-            def model_fn(x, t, y=None, **kwargs):
-                # Labels are drawn for the classifier; the model sees them if it is conditional.
-                return model(x, t, y if args.class_cond else None, **kwargs)
+    def setup(log_dir):
+        model, diffusion, sag = model_and_sag_from_args(args)
+        cond_fn = None
+        if guided:
+            cond_fn = make_cond_fn(agree(classifier_from_args, args), args.classifier_scale)
+        device = dist_util.dev()
 
-            def draw(positions, step_callback=None):
-                sample, labels = draw_batch(
-                    diffusion, model_fn, positions, args,
-                    (3, args.image_size, args.image_size), device,
-                    draw_labels=True, num_classes=args.num_classes,
-                    cond_fn=cond_fn, sag=sag, step_callback=step_callback,
-                )
-                return to_uint8(sample, positions), labels.cpu().numpy()
+        def model_fn(x, t, y=None, **kwargs):
+            # Labels are drawn for the classifier; the model sees them if it is conditional.
+            return model(x, t, y if args.class_cond else None, **kwargs)
 
-            guidance = (
-                f"classifier guidance: scale {args.classifier_scale}, {args.classifier_path}"
-                if guided else "classifier guidance off (--classifier_guidance False)"
+        def draw(positions, step_callback=None):
+            sample, labels = draw_batch(
+                diffusion, model_fn, positions, (3, args.image_size, args.image_size), device,
+                **sampler_settings(args), draw_labels=True, num_classes=args.num_classes,
+                cond_fn=cond_fn, sag=sag, step_callback=step_callback,
             )
-            run.start(describe_setup(args, model, diffusion, sag, [guidance]))
-            run.sample(draw, sag=sag, diffusion=diffusion)
-            run.finish()
-    report_result(run)
+            return to_uint8(sample, positions), labels.cpu().numpy()
+
+        guidance = (
+            f"classifier guidance: scale {args.classifier_scale}, {args.classifier_path}"
+            if guided else "classifier guidance off (--classifier_guidance False)"
+        )
+        return Batches(draw, describe_setup(args, model, diffusion, sag, [guidance]),
+                       sag_pictures(args, sag, diffusion, log_dir))
+
+    path = sample_to_npz(args, "classifier_sample", args.image_size, True, files, setup)
+    if path:
+        print(path, flush=True)
 
 
 def create_argparser():
-    defaults = sample_defaults()
-    defaults.update(model_and_diffusion_defaults())
-    defaults.update(classifier_defaults())
-    defaults.update(sag_defaults())
-    defaults.update(classifier_path="", classifier_scale=1.0)
-    parser = new_parser(__doc__.strip().splitlines()[0])
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return sampling_argparser(__doc__, model_and_diffusion_defaults(), classifier_defaults(),
+                              sag_defaults(), dict(classifier_path="", classifier_scale=1.0))
 
 
 if __name__ == "__main__":

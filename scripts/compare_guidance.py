@@ -34,7 +34,6 @@ import os
 import re
 import sys
 import time
-from types import SimpleNamespace
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -42,17 +41,12 @@ sys.path.insert(0, REPO_ROOT)
 import torch as th  # noqa: E402
 
 from evaluations import fashion_metrics  # noqa: E402
-from improved_diffusion.sample_util import (  # noqa: E402
-    load_model,
-    make_cond_fn,
-    draw_batch,
-    save_npz,
-    to_uint8,
-)
+from improved_diffusion.checkpoints import classifier_from_card, load_model  # noqa: E402
+from improved_diffusion.file_util import atomic_json  # noqa: E402
+from improved_diffusion.npz_io import save_npz  # noqa: E402
 from improved_diffusion.sag import SelfAttentionGuidance, sag_defaults  # noqa: E402
+from improved_diffusion.sampling import draw_batch, make_cond_fn, to_uint8  # noqa: E402
 from improved_diffusion.script_util import (  # noqa: E402
-    classifier_and_diffusion_defaults,
-    create_classifier_and_diffusion,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     read_model_card,
@@ -98,36 +92,28 @@ def parse_config(name, sag_flags):
     return out
 
 
-def load_classifier(path, device):
-    card = read_model_card(path)
-    flags = classifier_and_diffusion_defaults()
-    flags.update({k: v for k, v in card.items() if k in flags})
-    classifier, _ = create_classifier_and_diffusion(**flags)
-    classifier.load_state_dict(th.load(path, map_location="cpu", weights_only=True))
-    classifier.to(device).eval()
-    return classifier
-
-
-def draw_set(name, cfg, model, diffusion, classifier, args, device, log=print):
+def draw_set(name, cfg, model, diffusion, classifier, device, *, seed, num_samples, batch_size,
+             num_classes, num_heads, guide_start, log=print):
+    """Positions 0..num_samples-1 of `seed` with one config (ancestral steps)."""
     sag = None
     if cfg["sag"] is not None:
         s = cfg["sag"]
-        sag = SelfAttentionGuidance(model, scale=s["scale"], start=args.guide_start,
+        sag = SelfAttentionGuidance(model, scale=s["scale"], start=guide_start,
                                     block=s["block"], depth=s["depth"],
-                                    blur_sigma=s["blur_sigma"], num_heads=args.num_heads)
+                                    blur_sigma=s["blur_sigma"], num_heads=num_heads)
     cond_fn = None
     if cfg["cg"] is not None:
         cond_fn = make_cond_fn(classifier, cfg["cg"])
     images, labels = [], []
     start = time.time()
-    for first in range(0, args.num_samples, args.batch_size):
-        positions = list(range(first, min(first + args.batch_size, args.num_samples)))
-        sample, y = draw_batch(diffusion, model, positions, args, (3, 32, 32), device,
-                               draw_labels=True, num_classes=args.num_classes,
+    for first in range(0, num_samples, batch_size):
+        positions = list(range(first, min(first + batch_size, num_samples)))
+        sample, y = draw_batch(diffusion, model, positions, (3, 32, 32), device, seed=seed,
+                               draw_labels=True, num_classes=num_classes,
                                cond_fn=cond_fn, sag=sag)
         images.append(to_uint8(sample))
         labels.append(y.cpu().numpy())
-        log(f"{name}: {positions[-1] + 1}/{args.num_samples} ({time.time() - start:.0f} s)")
+        log(f"{name}: {positions[-1] + 1}/{num_samples} ({time.time() - start:.0f} s)")
     import numpy as np
 
     return np.concatenate(images), np.concatenate(labels).astype(np.int64), time.time() - start
@@ -141,11 +127,7 @@ def noisy_classifier_accuracy(classifier_path, timesteps=(0, 250, 500, 750, 999)
     """
     from improved_diffusion.fashion_mnist import load_fashion_mnist, to_rgb32
 
-    card = read_model_card(classifier_path)
-    flags = classifier_and_diffusion_defaults()
-    flags.update({k: v for k, v in card.items() if k in flags})
-    _, diffusion = create_classifier_and_diffusion(**flags)
-    classifier = load_classifier(classifier_path, th.device("cpu"))
+    classifier, diffusion = classifier_from_card(classifier_path, th.device("cpu"))
     images, labels = load_fashion_mnist("test")
     x0 = th.from_numpy(to_rgb32(images[:num_images])).permute(0, 3, 1, 2).float() / 127.5 - 1
     y = th.from_numpy(labels[:num_images].astype("int64"))
@@ -258,11 +240,10 @@ def main(argv=None):
     cfgs = {name: parse_config(name, sag_flags) for name in names}
     classifier = None
     if any(c["cg"] is not None for c in cfgs.values()):
-        classifier = load_classifier(args.classifier_path, device)
+        classifier, _ = classifier_from_card(args.classifier_path, device)
 
-    sample_args = SimpleNamespace(
-        seed=args.seed, use_ddim=False, eta=0.0, clip_denoised=True,
-        num_samples=args.num_samples, batch_size=args.batch_size,
+    settings = dict(
+        seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size,
         num_classes=flags["num_classes"], num_heads=flags["num_heads"],
         guide_start=int(sag_flags["guide_start"]),
     )
@@ -288,7 +269,7 @@ def main(argv=None):
         same = results.get(key, {}).get("setting") == setting
         if not (os.path.exists(npz) and same):
             images, labels, seconds = draw_set(name, cfgs[name], model, diffusion, classifier,
-                                               sample_args, device)
+                                               device, **settings)
             save_npz(npz, images, labels)
         r = fashion_metrics.score(npz)
         prev = results.get(key, {}) if same else {}
@@ -296,9 +277,7 @@ def main(argv=None):
                             fid=r["fid"], seconds=seconds if seconds else prev.get("seconds"),
                             setting=setting)
         print(f"{key}: accuracy {r['accuracy']:.4f}  feature FID {r['fid']:.2f}", flush=True)
-        with open(results_path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(results_path + ".tmp", results_path)
+        atomic_json(results_path, results, end="", indent=1)
     write_table(results, os.path.join(args.out_dir, "results.md"))
     return results
 

@@ -177,7 +177,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from improved_diffusion.sample_util import UsageError
+    from improved_diffusion.cli import UsageError
 
     try:
         main()

@@ -16,25 +16,23 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from improved_diffusion import dist_util  # noqa: E402
-from improved_diffusion.sample_run import SampleRun, agree, report_result  # noqa: E402
-from improved_diffusion.sample_util import (  # noqa: E402
-    describe_setup,
-    draw_batch,
-    make_sag,
-    model_from_args,
-    new_parser,
+from improved_diffusion.cli import (  # noqa: E402
     parse_args_with_card,
     pure_usage_error,
     run_main,
-    sample_defaults,
-    to_uint8,
+    sampling_argparser,
     validate_sample_args,
 )
-from improved_diffusion.script_util import (  # noqa: E402
-    add_dict_to_argparser,
-    model_and_diffusion_defaults,
-    sag_defaults,
+from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
+from improved_diffusion.sampling import (  # noqa: E402
+    describe_setup,
+    draw_batch,
+    model_and_sag_from_args,
+    sag_pictures,
+    sampler_settings,
+    to_uint8,
 )
+from improved_diffusion.script_util import model_and_diffusion_defaults, sag_defaults  # noqa: E402
 
 
 def main(argv=None):
@@ -46,35 +44,30 @@ def main(argv=None):
             "with --classifier_path, or pass --classifier_guidance False"
         )
     dist_util.setup_dist()
-    files = {"model_path": args.model_path}
-    with SampleRun(args, "image_sample", args.image_size, args.class_cond, files) as run:
-        if run.prepare():
-            model, diffusion = agree(model_from_args, args)
-            sag = agree(make_sag, model, args)
-            device = dist_util.dev()
 
-            def draw(positions, step_callback=None):
-                sample, labels = draw_batch(
-                    diffusion, model, positions, args,
-                    (3, args.image_size, args.image_size), device,
-                    draw_labels=args.class_cond, num_classes=args.num_classes,
-                    sag=sag, step_callback=step_callback,
-                )
-                return to_uint8(sample, positions), None if labels is None else labels.cpu().numpy()
+    def setup(log_dir):
+        model, diffusion, sag = model_and_sag_from_args(args)
+        device = dist_util.dev()
 
-            run.start(describe_setup(args, model, diffusion, sag))
-            run.sample(draw, sag=sag, diffusion=diffusion)
-            run.finish()
-    report_result(run)
+        def draw(positions, step_callback=None):
+            sample, labels = draw_batch(
+                diffusion, model, positions, (3, args.image_size, args.image_size), device,
+                **sampler_settings(args), draw_labels=args.class_cond,
+                num_classes=args.num_classes, sag=sag, step_callback=step_callback,
+            )
+            return to_uint8(sample, positions), None if labels is None else labels.cpu().numpy()
+
+        return Batches(draw, describe_setup(args, model, diffusion, sag),
+                       sag_pictures(args, sag, diffusion, log_dir))
+
+    path = sample_to_npz(args, "image_sample", args.image_size, args.class_cond,
+                         {"model_path": args.model_path}, setup)
+    if path:
+        print(path, flush=True)
 
 
 def create_argparser():
-    defaults = sample_defaults()
-    defaults.update(model_and_diffusion_defaults())
-    defaults.update(sag_defaults())
-    parser = new_parser(__doc__.strip().splitlines()[0])
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return sampling_argparser(__doc__, model_and_diffusion_defaults(), sag_defaults())
 
 
 if __name__ == "__main__":

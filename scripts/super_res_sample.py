@@ -20,26 +20,26 @@ import torch as th
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from improved_diffusion import dist_util  # noqa: E402
-from improved_diffusion.sample_run import SampleRun, agree, npz_array, report_result  # noqa: E402
-from improved_diffusion.sample_util import (  # noqa: E402
+from improved_diffusion.cli import (  # noqa: E402
     UsageError,
-    describe_setup,
-    draw_batch,
-    make_sag,
-    model_from_args,
-    new_parser,
+    agree,
     parse_args_with_card,
     pure_usage_error,
     run_main,
-    sample_defaults,
-    to_uint8,
+    sampling_argparser,
     validate_sample_args,
 )
-from improved_diffusion.script_util import (  # noqa: E402
-    add_dict_to_argparser,
-    sag_defaults,
-    sr_model_and_diffusion_defaults,
+from improved_diffusion.npz_io import npz_array  # noqa: E402
+from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
+from improved_diffusion.sampling import (  # noqa: E402
+    describe_setup,
+    draw_batch,
+    model_and_sag_from_args,
+    sag_pictures,
+    sampler_settings,
+    to_uint8,
 )
+from improved_diffusion.script_util import sag_defaults, sr_model_and_diffusion_defaults  # noqa: E402
 
 
 def main(argv=None):
@@ -57,33 +57,34 @@ def main(argv=None):
         )
     dist_util.setup_dist()
     files = {"model_path": args.model_path, "base_samples": args.base_samples}
-    with SampleRun(args, "super_res_sample", args.large_size, args.class_cond, files) as run:
-        if run.prepare():
-            images, labels = agree(open_base_samples, args)
-            model, diffusion = agree(model_from_args, args, super_res=True)
-            sag = agree(make_sag, model, args)
-            device = dist_util.dev()
 
-            def draw(positions, step_callback=None):
-                rows = [p % len(images) for p in positions]
-                low = th.from_numpy(np.asarray(images[rows], dtype=np.float32) / 127.5 - 1.0)
-                model_kwargs = dict(low_res=low.permute(0, 3, 1, 2).contiguous().to(device))
-                batch_labels = None
-                if labels is not None:
-                    batch_labels = np.asarray(labels[rows], dtype=np.int64)
-                    model_kwargs["y"] = th.from_numpy(batch_labels).to(device)
-                sample, _ = draw_batch(
-                    diffusion, model, positions, args,
-                    (3, args.large_size, args.large_size), device,
-                    model_kwargs=model_kwargs, sag=sag, step_callback=step_callback,
-                )
-                return to_uint8(sample, positions), batch_labels
+    def setup(log_dir):
+        images, labels = agree(open_base_samples, args)
+        model, diffusion, sag = model_and_sag_from_args(args, super_res=True)
+        device = dist_util.dev()
 
-            base = f"base samples {args.base_samples}: {len(images)} images"
-            run.start(describe_setup(args, model, diffusion, sag, [base]))
-            run.sample(draw, sag=sag, diffusion=diffusion)
-            run.finish()
-    report_result(run)
+        def draw(positions, step_callback=None):
+            rows = [p % len(images) for p in positions]
+            low = th.from_numpy(np.asarray(images[rows], dtype=np.float32) / 127.5 - 1.0)
+            model_kwargs = dict(low_res=low.permute(0, 3, 1, 2).contiguous().to(device))
+            batch_labels = None
+            if labels is not None:
+                batch_labels = np.asarray(labels[rows], dtype=np.int64)
+                model_kwargs["y"] = th.from_numpy(batch_labels).to(device)
+            sample, _ = draw_batch(
+                diffusion, model, positions, (3, args.large_size, args.large_size), device,
+                **sampler_settings(args), model_kwargs=model_kwargs, sag=sag,
+                step_callback=step_callback,
+            )
+            return to_uint8(sample, positions), batch_labels
+
+        base = f"base samples {args.base_samples}: {len(images)} images"
+        return Batches(draw, describe_setup(args, model, diffusion, sag, [base]),
+                       sag_pictures(args, sag, diffusion, log_dir))
+
+    path = sample_to_npz(args, "super_res_sample", args.large_size, args.class_cond, files, setup)
+    if path:
+        print(path, flush=True)
 
 
 def open_base_samples(args):
@@ -126,13 +127,8 @@ def open_base_samples(args):
 
 
 def create_argparser():
-    defaults = sample_defaults()
-    defaults.update(sr_model_and_diffusion_defaults())
-    defaults.update(sag_defaults())
-    defaults.update(base_samples="")
-    parser = new_parser(__doc__.strip().splitlines()[0])
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return sampling_argparser(__doc__, sr_model_and_diffusion_defaults(), sag_defaults(),
+                              dict(base_samples=""))
 
 
 if __name__ == "__main__":

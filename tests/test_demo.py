@@ -102,7 +102,7 @@ def test_demo_passes_flags_on_and_adds_pictures():
 
 @pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason="default model not committed")
 def test_default_model_card_gives_sag_sampling_without_flags():
-    from improved_diffusion.sample_util import parse_args_with_card
+    from improved_diffusion.cli import parse_args_with_card
 
     image_sample = _load("image_sample")
     args = image_sample.create_argparser()

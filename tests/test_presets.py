@@ -15,7 +15,7 @@ import torch as th
 from conftest import ROOT
 from improved_diffusion.published_checkpoints import PUBLISHED_CHECKPOINTS
 from improved_diffusion.sag import SelfAttentionGuidance
-from improved_diffusion.sample_util import validate_sample_args
+from improved_diffusion.cli import validate_sample_args
 from improved_diffusion.script_util import (
     args_to_dict,
     classifier_defaults,

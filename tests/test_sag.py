@@ -1,6 +1,5 @@
 """Self-Attention Guidance on tiny models: capture, layouts, samplers, seeds, flags."""
 
-import argparse
 import math
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from conftest import ROOT, tiny_model
 from improved_diffusion.attention_capture import AttentionCapture
 from improved_diffusion.random_util import BatchGenerator
 from improved_diffusion.sag import SAGConfigError, SelfAttentionGuidance
-from improved_diffusion.sample_util import draw_batch
+from improved_diffusion.sampling import draw_batch
 from improved_diffusion.unet import AttentionBlock
 
 
@@ -197,20 +196,19 @@ def test_classifier_guidance_with_sag(tiny):
 def test_seed_contract_batch_sizes(tiny):
     model, diffusion = tiny
     sag = SelfAttentionGuidance(model, scale=1.5, depth=0, num_heads=2)
-    args = argparse.Namespace(seed=5, use_ddim=False, clip_denoised=True, eta=0.0)
-    one = [draw_batch(diffusion, model, [p], args, (3, 16, 16), "cpu", sag=sag)[0] for p in range(3)]
-    three = draw_batch(diffusion, model, [0, 1, 2], args, (3, 16, 16), "cpu", sag=sag)[0]
+    one = [draw_batch(diffusion, model, [p], (3, 16, 16), "cpu", seed=5, sag=sag)[0] for p in range(3)]
+    three = draw_batch(diffusion, model, [0, 1, 2], (3, 16, 16), "cpu", seed=5, sag=sag)[0]
     # Equal up to float rounding (batched convolutions sum in another order).
     assert th.allclose(th.cat(one), three, atol=1e-3)
-    other = draw_batch(diffusion, model, [1, 2, 3], args, (3, 16, 16), "cpu", sag=sag)[0]
+    other = draw_batch(diffusion, model, [1, 2, 3], (3, 16, 16), "cpu", seed=5, sag=sag)[0]
     assert th.allclose(other[:2], three[1:], atol=1e-3)
     assert (other[2] - three[2]).abs().max() > 0.1  # position 3 is another sample
 
 
 def test_labels_drawn_first_from_each_generator():
     model, diffusion = tiny_model(class_cond=True, num_classes=10)
-    args = argparse.Namespace(seed=3, use_ddim=True, clip_denoised=True, eta=0.0)
-    _, labels = draw_batch(diffusion, model, [0, 1], args, (3, 16, 16), "cpu", draw_labels=True, num_classes=10)
+    _, labels = draw_batch(diffusion, model, [0, 1], (3, 16, 16), "cpu", seed=3, use_ddim=True,
+                           draw_labels=True, num_classes=10)
     want = [int(th.randint(0, 10, (1,), generator=th.Generator().manual_seed(3 + p))) for p in (0, 1)]
     assert labels.tolist() == want
 

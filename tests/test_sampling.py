@@ -167,14 +167,38 @@ def test_mpi_two_ranks_same_npz_exact_count_distinct(reference, mpi_full):
     assert not os.path.exists(os.path.join(out, "shards"))
 
 
+def run_until_shards_then_kill(script, flags, logdir, ranks, shards, timeout=240):
+    """Start the script, SIGKILL its whole process group once `shards` shards exist:
+    a crash from outside at a known point. Returns the positions the shards hold."""
+    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, os.path.join(ROOT, "scripts", script)]
+    proc = subprocess.Popen(cmd + shlex.split(flags), env=env_for(logdir), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard_dir, deadline = os.path.join(str(logdir), "shards"), time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            names = os.listdir(shard_dir) if os.path.isdir(shard_dir) else []
+            if sum(n.startswith("shard_") for n in names) >= shards:
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    held = set()
+    for name in os.listdir(shard_dir):
+        if name.startswith("shard_") and name.endswith(".npz"):
+            s, e = name[len("shard_"):-len(".npz")].split("_")[1].split("-")
+            held.update(range(int(s), int(e)))
+    return proc.returncode, held
+
+
 @needs_mpi
 def test_mpi_killed_run_resumes_to_same_npz_faster(ckpts, mpi_full, tmp_path):
     flags = f"{RUN_FLAGS} --model_path {ckpts['cond']} --batch_size 2"
     out = tmp_path / "crash"
-    # Rank 0 SIGKILLs itself once each rank has written 3 of its 4 shards.
-    killed = run_script("image_sample.py", flags, out, ranks=2,
-                        IMPROVED_DIFFUSION_TEST_DIE_AFTER_BATCHES=3)
-    assert killed.returncode != 0
+    # The job is SIGKILLed from outside once the ranks have written 6 of the 8 shards.
+    code, held = run_until_shards_then_kill("image_sample.py", flags, out, ranks=2, shards=6)
+    assert code != 0
     assert not npz_files(out)
     shards = sorted(os.listdir(out / "shards"))
     assert sum(s.startswith("shard_") for s in shards) >= 6
@@ -182,8 +206,9 @@ def test_mpi_killed_run_resumes_to_same_npz_faster(ckpts, mpi_full, tmp_path):
 
     resumed = run_script("image_sample.py", flags, out, ranks=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # Each rank had written 3 shards (rank 1 may have finished its 4th, position 14).
-    resumed_from = 12 if "resuming: 12 of 15 positions" in resumed.stdout else 13
+    # 6 or more shards (of 2 positions, the last of 1) were written when the job died.
+    resumed_from = len(held)
+    assert resumed_from >= 11, held
     assert f"resuming: {resumed_from} of 15 positions" in resumed.stdout, resumed.stdout
     (path,) = npz_files(out)
     (full,) = npz_files(mpi_full[0])
@@ -323,7 +348,7 @@ SUPER_RES_SAMPLE = _load_script("super_res_sample")
 
 def run_in_process(module, flags, logdir, capsys, monkeypatch):
     """The script's main through run_main, in this process: (exit code, stderr)."""
-    from improved_diffusion.sample_util import run_main
+    from improved_diffusion.cli import run_main
 
     monkeypatch.setenv("OPENAI_LOGDIR", str(logdir))
     monkeypatch.setenv("TQDM_DISABLE", "1")
@@ -427,13 +452,17 @@ def test_flags_differ_from_shards(ckpts, tmp_path, capsys, monkeypatch):
 
     out = tmp_path / "out"
     flags = f"{TINY} --timestep_respacing 2 --model_path {ckpts['uncond']} --num_samples 4 --batch_size 2"
-    monkeypatch.setenv(sample_run.DIE_AFTER_ENV, "1")  # SIGKILL would end pytest: fake it
-    monkeypatch.setattr(sample_run.SampleRun, "_die_for_test",
-                        lambda self, n: (_ for _ in ()).throw(KeyboardInterrupt()))
+    write_shard = sample_run.write_shard
+
+    def write_then_stop(*args, **kwargs):  # a crash after the first shard
+        write_shard(*args, **kwargs)
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(sample_run, "write_shard", write_then_stop)
     monkeypatch.setenv("OPENAI_LOGDIR", str(out))
     with pytest.raises(KeyboardInterrupt):
         IMAGE_SAMPLE.main(shlex.split(flags))
-    monkeypatch.delenv(sample_run.DIE_AFTER_ENV)
+    monkeypatch.setattr(sample_run, "write_shard", write_shard)
     assert len(os.listdir(out / "shards")) >= 1
     code, err = run_in_process(IMAGE_SAMPLE, flags + " --guide_scale 1.2 --seed 0", out, capsys, monkeypatch)
     assert code == 2

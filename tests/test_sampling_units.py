@@ -10,21 +10,16 @@ import torch as th
 
 from conftest import tiny_flags
 from improved_diffusion.image_grid import AttentionMaskRecorder, make_grid, save_grid
-from improved_diffusion.sample_run import (
+from improved_diffusion.checkpoints import check_state_dict, load_checkpoint
+from improved_diffusion.cli import UsageError
+from improved_diffusion.npz_io import npz_array, verify_npz, write_npz_streaming
+from improved_diffusion.sampling import to_uint8
+from improved_diffusion.shards import (
     describe_difference,
     fingerprint_digest,
     merge_ranges,
-    npz_array,
     plan_batches,
     rank_batches,
-    verify_npz,
-    write_npz_streaming,
-)
-from improved_diffusion.sample_util import (
-    UsageError,
-    check_state_dict,
-    load_checkpoint,
-    to_uint8,
 )
 from improved_diffusion.script_util import create_model, sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 
@@ -198,7 +193,7 @@ def test_grid_and_attention_pictures(tmp_path):
 
 def test_shard_npz_is_a_plain_zip(tmp_path):
     """Shards are ordinary npz files (np.load, no pickle)."""
-    from improved_diffusion.sample_run import read_shard_flags
+    from improved_diffusion.shards import read_shard_flags
 
     path = tmp_path / "s.npz"
     np.savez(path, images=np.zeros((1, 2, 2, 3), np.uint8),

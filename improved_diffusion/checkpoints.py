@@ -1,35 +1,25 @@
 """
-What the sampling scripts share: flag parsing with model cards, input
-checks, loading checkpoints safely (with a readable diagnosis when the flags
-do not fit them), drawing one seeded batch, and the npz format.
-
-The run itself (ranks, shards, resume, assembly) is
-:mod:`improved_diffusion.sample_run`.
-
-The seed contract (SAG-NOTES.md): the sample at position p of the final npz
-depends on ``seed + p`` alone, whatever the batch size and number of ranks.
+Loading checkpoints for sampling: safely (``torch.load(weights_only=True)``,
+read once on rank 0), checked to be a model state_dict, and compared with
+the model the flags build, with a one-line diagnosis of the flag that most
+probably differs when they do not fit.
 """
 
-import argparse
-import math
 import os
 import pickle
 import re
-import sys
 
-import numpy as np
 import torch as th
-import torch.nn.functional as F
 
 from . import dist_util
+from .cli import UsageError
 from .published_checkpoints import PUBLISHED_CHECKPOINTS
-from .random_util import BatchGenerator
-from .sag import SelfAttentionGuidance
 from .script_util import (
-    add_dict_to_argparser,
     args_to_dict,
+    classifier_and_diffusion_defaults,
     classifier_defaults,
     create_classifier,
+    create_classifier_and_diffusion,
     create_model_and_diffusion,
     half_dtype_for,
     model_and_diffusion_defaults,
@@ -37,118 +27,6 @@ from .script_util import (
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL_PATH = os.path.join("models", "fashion32_ema.pt")
-
-
-class UsageError(Exception):
-    """
-    Bad input from the user: scripts print ``error: <message>`` as one line
-    on stderr and exit with status 2.
-
-    :param agreed: True when every rank raised the same error at the same
-        point (see :func:`improved_diffusion.sample_run.agree`): then only
-        rank 0 prints it and every rank exits normally. Otherwise the rank
-        that hit it prints it and takes the whole job down.
-    """
-
-    def __init__(self, message, agreed=False):
-        super().__init__(message)
-        self.agreed = agreed
-
-
-def pure_usage_error(message):
-    """A UsageError that depends on the flags alone, hence the same on every rank."""
-    return UsageError(message, agreed=True)
-
-
-class NonFiniteSamplesError(UsageError):
-    """NaN or inf in a sampled batch (found before the uint8 cast)."""
-
-
-def sample_defaults():
-    return dict(
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        use_ddim=False,
-        eta=0.0,
-        model_path=DEFAULT_MODEL_PATH,
-        seed=0,
-        save_attention_masks=False,
-    )
-
-
-def default_model_path(path):
-    """Resolve the embedded default checkpoint relative to the repository too."""
-    if path == DEFAULT_MODEL_PATH and not os.path.exists(path):
-        return os.path.join(REPO_ROOT, path)
-    return path
-
-
-def parse_args_with_card(parser, argv=None):
-    """
-    Parse flags; defaults come from the model card next to ``--model_path``
-    (``name.json`` beside ``name.pt``) when there is one, then from the
-    command line. Published checkpoints have no card: their flags are passed.
-    """
-    pre, _ = parser.parse_known_args(argv)
-    card = read_model_card(default_model_path(pre.model_path))
-    known = {a.dest for a in parser._actions}
-    parser.set_defaults(**{k: v for k, v in card.items() if k in known})
-    args = parser.parse_args(argv)
-    args.model_path = default_model_path(args.model_path)
-    return args
-
-
-def new_parser(description):
-    return argparse.ArgumentParser(description=description)
-
-
-def add_sample_flags(parser, defaults):
-    add_dict_to_argparser(parser, defaults)
-    return parser
-
-
-# ---------------------------------------------------------------------------
-# Input checks (pure: every rank reaches the same verdict)
-# ---------------------------------------------------------------------------
-
-
-def _finite(value):
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def validate_sample_args(args):
-    """
-    Check the flags that need no model or file (raises pure_usage_error: every
-    rank reaches the same verdict). Script-specific checks come on top.
-    """
-    if args.num_samples <= 0:
-        raise pure_usage_error(f"--num_samples must be > 0, got {args.num_samples}")
-    if args.batch_size <= 0:
-        raise pure_usage_error(f"--batch_size must be > 0, got {args.batch_size}")
-    if args.seed < 0:
-        raise pure_usage_error(f"--seed must be >= 0, got {args.seed}")
-    if hasattr(args, "guide_scale") and not _finite(args.guide_scale):
-        raise pure_usage_error(f"--guide_scale must be a finite number, got {args.guide_scale}")
-    if hasattr(args, "blur_sigma") and not (_finite(args.blur_sigma) and args.blur_sigma > 0):
-        raise pure_usage_error(f"--blur_sigma must be a number > 0, got {args.blur_sigma}")
-    if not (_finite(args.eta) and args.eta >= 0):
-        raise pure_usage_error(f"--eta must be a finite number >= 0, got {args.eta}")
-    if hasattr(args, "classifier_scale") and not _finite(args.classifier_scale):
-        raise pure_usage_error(
-            f"--classifier_scale must be a finite number, got {args.classifier_scale}"
-        )
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------
 
 
 def _download_hint(path, flag):
@@ -388,13 +266,6 @@ def load_model(model, path, device, use_fp16, flag="--model_path", names=MODEL_F
     return model
 
 
-def load_classifier(classifier, path, device, use_fp16):
-    """load_model for the noisy-image classifier (its flags in the hints)."""
-    return load_model(
-        classifier, path, device, use_fp16, flag="--classifier_path", names=CLASSIFIER_FLAG_NAMES
-    )
-
-
 def model_from_args(args, super_res=False):
     """Build the UNet and diffusion the flags describe, load --model_path into it."""
     try:
@@ -418,193 +289,20 @@ def classifier_from_args(args):
         classifier = create_classifier(**args_to_dict(args, classifier_defaults().keys()))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return load_classifier(classifier, args.classifier_path, dist_util.dev(),
-                           args.classifier_use_fp16)
+    return load_model(classifier, args.classifier_path, dist_util.dev(),
+                      args.classifier_use_fp16, flag="--classifier_path",
+                      names=CLASSIFIER_FLAG_NAMES)
 
 
-def make_sag(model, args):
-    """The SelfAttentionGuidance for the parsed flags (raises UsageError)."""
-    try:
-        return SelfAttentionGuidance.from_args(model, args)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def describe_setup(args, model, diffusion, sag=None, extra=()):
-    """Lines for the log: what is sampled, and how."""
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    dtype = str(getattr(model, "dtype", "float32")).replace("torch.", "")
-    sampler = f"DDIM (eta {args.eta})" if args.use_ddim else "ancestral"
-    lines = [
-        f"model {args.model_path}: {params:.1f}M parameters, torso in {dtype}",
-        f"{diffusion.num_timesteps} {sampler} steps, seed {args.seed}",
-    ]
-    if sag is None or sag.scale == 1.0:
-        lines.append("self-attention guidance off (--guide_scale 1)")
-    else:
-        part, depth = sag.location
-        where = "middle block" if part == "middle" else f"{part}_blocks[{depth}]"
-        kind = "true attention" if sag.true_attention else f"published map, --num_heads {sag.num_heads}"
-        lines.append(
-            f"self-attention guidance: scale {sag.scale}, attention of {where} ({kind}), "
-            f"blur sigma {sag.blur_sigma}, steps with index < {sag.start}"
-        )
-    return lines + list(extra)
-
-
-def make_cond_fn(classifier, scale):
-    """The classifier-guidance gradient function of guided-diffusion's scripts."""
-
-    def cond_fn(x, t, y=None, **_):
-        assert y is not None
-        with th.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            logits = classifier(x_in, t)
-            log_probs = F.log_softmax(logits, dim=-1)
-            selected = log_probs[range(len(logits)), y.view(-1)]
-            return th.autograd.grad(selected.sum(), x_in)[0] * scale
-
-    return cond_fn
-
-
-# ---------------------------------------------------------------------------
-# Drawing
-# ---------------------------------------------------------------------------
-
-
-def draw_batch(
-    diffusion,
-    model_fn,
-    positions,
-    args,
-    image_shape,
-    device,
-    draw_labels=False,
-    num_classes=1000,
-    cond_fn=None,
-    sag=None,
-    model_kwargs=None,
-    progress=False,
-    step_callback=None,
-):
+def classifier_from_card(path, device):
     """
-    Sample the images at `positions` of the run (seed contract).
-
-    Each position p gets a CPU generator seeded ``args.seed + p``; it draws
-    its label first (when `draw_labels`), then x_T, then every step's noise.
-
-    :param step_callback: if given, called as ``step_callback(index, out)``
-        after every step with the respaced index and the step's output dict
-        (which holds 'sag_mask' and 'sag_degraded_xstart' on guided steps).
-    :return: (float samples [N x C x H x W] in about [-1, 1], labels or None).
+    The noisy-image classifier at `path` built with the flags of its model
+    card (``name.json`` beside ``name.pt``) and loaded like :func:`load_model`,
+    with the diffusion it was trained on.
     """
-    gen = BatchGenerator([args.seed + p for p in positions])
-    model_kwargs = dict(model_kwargs or {})
-    labels = None
-    if draw_labels:
-        labels = gen.randint(num_classes, device=device)
-        model_kwargs["y"] = labels
-    loop = (
-        diffusion.ddim_sample_loop_progressive
-        if args.use_ddim
-        else diffusion.p_sample_loop_progressive
-    )
-    extra = {"eta": args.eta} if args.use_ddim else {}
-    final = None
-    index = diffusion.num_timesteps
-    for out in loop(
-        model_fn,
-        (len(positions), *image_shape),
-        clip_denoised=args.clip_denoised,
-        model_kwargs=model_kwargs,
-        cond_fn=cond_fn,
-        device=device,
-        progress=progress,
-        sag=sag,
-        generator=gen,
-        **extra,
-    ):
-        index -= 1
-        if step_callback is not None:
-            step_callback(index, out)
-        final = out
-    return final["sample"], labels
-
-
-def to_uint8(sample, positions=None):
-    """
-    Float images in [-1, 1] (NCHW) to uint8 NHWC as the published scripts do:
-    ``((x + 1) * 127.5).clamp(0, 255)`` then a truncating cast. Non-finite
-    values are refused first (the cast would hide them).
-    """
-    finite = th.isfinite(sample)
-    if not finite.all():
-        bad = int((~finite).sum())
-        where = ""
-        if positions is not None and len(positions):
-            where = f" at positions {positions[0]}..{positions[-1]}"
-        raise NonFiniteSamplesError(
-            f"{bad} NaN/inf values in the sampled batch{where} (found before the uint8 "
-            "cast); the model or flags are broken: check the flags match the checkpoint, "
-            "or try without --use_fp16"
-        )
-    sample = ((sample + 1) * 127.5).clamp(0, 255).to(th.uint8)
-    return sample.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def npz_name(num_samples, height, width):
-    return f"samples_{num_samples}x{height}x{width}x3.npz"
-
-
-def save_npz(path, images, labels=None):
-    """Write ``arr_0`` (and ``arr_1``) atomically: temp file, then rename."""
-    tmp = path + ".tmp.npz"
-    if labels is not None:
-        np.savez(tmp, images, labels)
-    else:
-        np.savez(tmp, images)
-    os.replace(tmp, path)
-    return path
-
-
-# ---------------------------------------------------------------------------
-# Script entry point
-# ---------------------------------------------------------------------------
-
-
-def run_main(main, argv=None):
-    """
-    Run a sampling script's ``main`` and turn a UsageError into one line on
-    stderr and exit status 2.
-
-    An agreed error (every rank raised it at the same point) is printed by
-    rank 0 and every rank exits normally. An error on one rank only (NaN in
-    a batch, disk full) is printed by that rank, which then leaves at once
-    without MPI finalisation so that ``mpiexec`` tears down the other ranks
-    (torchrun does the same for a failed worker).
-    """
-    try:
-        result = main(argv)
-        _close_process_group()
-        return result
-    except UsageError as e:
-        rank, world = dist_util.get_rank(), dist_util.get_world_size()
-        if not e.agreed or rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        if world > 1 and not e.agreed:
-            os._exit(2)
-        _close_process_group()
-        sys.exit(2)
-
-
-def _close_process_group():
-    """Every rank leaves together: take the process group down cleanly first."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # leaving anyway
-            pass
+    flags = classifier_and_diffusion_defaults()
+    flags.update({k: v for k, v in read_model_card(path).items() if k in flags})
+    classifier, diffusion = create_classifier_and_diffusion(**flags)
+    load_model(classifier, path, device, flags["classifier_use_fp16"],
+               flag="--classifier_path", names=CLASSIFIER_FLAG_NAMES)
+    return classifier, diffusion

@@ -1,0 +1,203 @@
+"""
+Command-line handling of the sampling scripts: flags (with defaults from a
+model card), the checks that need no model or file, and bad input.
+
+Bad input raises :class:`UsageError`; :func:`run_main` turns it into one
+line ``error: <message>`` on stderr and exit status 2. Checks that every
+rank makes run through :func:`agree` (or :func:`on_rank0`), so that all
+ranks stop at the same point and only rank 0 prints the line.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+from . import dist_util
+from .script_util import add_dict_to_argparser, read_model_card
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MODEL_PATH = os.path.join("models", "fashion32_ema.pt")
+
+
+class UsageError(Exception):
+    """
+    Bad input from the user: scripts print ``error: <message>`` as one line
+    on stderr and exit with status 2.
+
+    :param agreed: True when every rank raised the same error at the same
+        point (see :func:`agree`): then only rank 0 prints it and every rank
+        exits normally. Otherwise the rank that hit it prints it and takes
+        the whole job down.
+    """
+
+    def __init__(self, message, agreed=False):
+        super().__init__(message)
+        self.agreed = agreed
+
+
+def pure_usage_error(message):
+    """A UsageError that depends on the flags alone, hence the same on every rank."""
+    return UsageError(message, agreed=True)
+
+
+class NonFiniteSamplesError(UsageError):
+    """NaN or inf in a sampled batch (found before the uint8 cast)."""
+
+
+def agree(fn, *args, **kwargs):
+    """
+    Run `fn` on every rank; if any rank raises UsageError, every rank raises
+    the first such error (lowest rank), marked agreed: rank 0 alone prints it
+    and every rank exits normally, so that no rank is left waiting.
+    """
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except UsageError as e:
+        error = str(e)
+    errors = [e for e in dist_util.gather_objects(error) if e is not None]
+    if errors:
+        raise UsageError(errors[0], agreed=True)
+    return result
+
+
+def on_rank0(fn, *args, **kwargs):
+    """Run `fn` on rank 0 only and hand its result (or UsageError) to every rank."""
+    result, error = None, None
+    if dist_util.get_rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except UsageError as e:
+            error = str(e)
+    result, error = dist_util.broadcast_object((result, error))
+    if error is not None:
+        raise UsageError(error, agreed=True)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------
+
+
+def sample_defaults():
+    return dict(
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        eta=0.0,
+        model_path=DEFAULT_MODEL_PATH,
+        seed=0,
+        save_attention_masks=False,
+    )
+
+
+def sampling_argparser(doc, *defaults):
+    """
+    A parser for a sampling script: the first line of its docstring, then
+    a flag for each key of :func:`sample_defaults` and of each dict in
+    `defaults`.
+    """
+    flags = sample_defaults()
+    for d in defaults:
+        flags.update(d)
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    add_dict_to_argparser(parser, flags)
+    return parser
+
+
+def default_model_path(path):
+    """Resolve the embedded default checkpoint relative to the repository too."""
+    if path == DEFAULT_MODEL_PATH and not os.path.exists(path):
+        return os.path.join(REPO_ROOT, path)
+    return path
+
+
+def parse_args_with_card(parser, argv=None):
+    """
+    Parse flags; defaults come from the model card next to ``--model_path``
+    (``name.json`` beside ``name.pt``) when there is one, then from the
+    command line. Published checkpoints have no card: their flags are passed.
+    """
+    pre, _ = parser.parse_known_args(argv)
+    card = read_model_card(default_model_path(pre.model_path))
+    known = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in card.items() if k in known})
+    args = parser.parse_args(argv)
+    args.model_path = default_model_path(args.model_path)
+    return args
+
+
+def _finite(value):
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def validate_sample_args(args):
+    """
+    Check the flags that need no model or file (raises pure_usage_error: every
+    rank reaches the same verdict). Script-specific checks come on top.
+    """
+    if args.num_samples <= 0:
+        raise pure_usage_error(f"--num_samples must be > 0, got {args.num_samples}")
+    if args.batch_size <= 0:
+        raise pure_usage_error(f"--batch_size must be > 0, got {args.batch_size}")
+    if args.seed < 0:
+        raise pure_usage_error(f"--seed must be >= 0, got {args.seed}")
+    if hasattr(args, "guide_scale") and not _finite(args.guide_scale):
+        raise pure_usage_error(f"--guide_scale must be a finite number, got {args.guide_scale}")
+    if hasattr(args, "blur_sigma") and not (_finite(args.blur_sigma) and args.blur_sigma > 0):
+        raise pure_usage_error(f"--blur_sigma must be a number > 0, got {args.blur_sigma}")
+    if not (_finite(args.eta) and args.eta >= 0):
+        raise pure_usage_error(f"--eta must be a finite number >= 0, got {args.eta}")
+    if hasattr(args, "classifier_scale") and not _finite(args.classifier_scale):
+        raise pure_usage_error(
+            f"--classifier_scale must be a finite number, got {args.classifier_scale}"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Script entry point
+# ---------------------------------------------------------------------------
+
+
+def run_main(main, argv=None):
+    """
+    Run a sampling script's ``main`` and turn a UsageError into one line on
+    stderr and exit status 2.
+
+    An agreed error (every rank raised it at the same point) is printed by
+    rank 0 and every rank exits normally. An error on one rank only (NaN in
+    a batch, disk full) is printed by that rank, which then leaves at once
+    without MPI finalisation so that ``mpiexec`` tears down the other ranks
+    (torchrun does the same for a failed worker).
+    """
+    try:
+        result = main(argv)
+        _close_process_group()
+        return result
+    except UsageError as e:
+        rank, world = dist_util.get_rank(), dist_util.get_world_size()
+        if not e.agreed or rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if world > 1 and not e.agreed:
+            os._exit(2)
+        _close_process_group()
+        sys.exit(2)
+
+
+def _close_process_group():
+    """Every rank leaves together: take the process group down cleanly first."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # leaving anyway
+            pass
