@@ -48,10 +48,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch as th  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from improved_diffusion.random_util import BatchGenerator  # noqa: E402
 from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
+from improved_diffusion.sampling import make_cond_fn  # noqa: E402
 from improved_diffusion.script_util import (  # noqa: E402
     classifier_defaults,
     create_classifier,
@@ -130,20 +130,6 @@ def build_classifier(arch, seed=1):
     flags.update(ARCHS[arch]["classifier"])
     th.manual_seed(seed)
     return create_classifier(**flags).eval()
-
-
-def make_cond_fn(classifier, scale):
-    """The classifier-guidance gradient of the published classifier_sample.py."""
-
-    def cond_fn(x, t, y=None):
-        with th.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            logits = classifier(x_in, t)
-            log_probs = F.log_softmax(logits, dim=-1)
-            selected = log_probs[range(len(logits)), y.view(-1)]
-            return th.autograd.grad(selected.sum(), x_in)[0] * scale
-
-    return cond_fn
 
 
 PRECISIONS = ["fp32", "half", "bf16", "half_cl"]

@@ -74,7 +74,7 @@ def _sqrtm(a):
     return out[0] if isinstance(out, tuple) else out
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, quiet=False):
     """
     Fréchet distance between the Gaussians N(mu1, sigma1) (samples) and
     N(mu2, sigma2) (reference), as the published evaluator computes it:
@@ -82,6 +82,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     with scipy's ``sqrtm``; if the square root of the product is not finite,
     ``eps`` is added to both diagonals and it is retried; the real part is kept
     when the imaginary part of the diagonal is within 1e-3 of 0.
+
+    :param quiet: for features whose covariances are singular by nature
+        (small networks, few samples; evaluations/fashion_metrics.py): no
+        warning when ``eps`` is added, and the real part is kept whatever
+        the imaginary part.
     """
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
@@ -105,13 +110,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     diff = mu1 - mu2
     covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
-        warnings.warn(
-            f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates"
-        )
+        if not quiet:
+            warnings.warn(
+                f"fid calculation produces singular product; adding {eps} to diagonal of cov "
+                "estimates"
+            )
         offset = np.eye(d) * eps
         covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        if not quiet and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             m = np.max(np.abs(covmean.imag))
             raise EvaluationError(
                 f"the square root of the covariance product has an imaginary component {m:.3g}; "

@@ -25,11 +25,9 @@ SAMPLES.npz holds arr_0 (uint8 [N, 32, 32, 3]) and, optionally, arr_1
 """
 
 import argparse
-import hashlib
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from improved_diffusion.file_util import atomic_write, sha256_file  # noqa: E402
 from improved_diffusion.fashion_mnist import (  # noqa: E402
     DEFAULT_SOURCE_DIR,
     load_fashion_mnist,
@@ -161,28 +160,10 @@ def feature_stats(feats):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), float64."""
-    from scipy import linalg
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), float64 (the evaluator's, quiet)."""
+    from evaluations.evaluator import frechet_distance as fid
 
-    mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
-    sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
-    diff = mu1 - mu2
-
-    def _sqrtm(a):
-        # Sample covariances are often singular (dead ReLU units, N < dim);
-        # the square root is still well defined, so silence scipy's warning.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", linalg.LinAlgWarning)
-            r = linalg.sqrtm(a)
-        return r[0] if isinstance(r, tuple) else r
-
-    covmean = _sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return fid(mu1, sigma1, mu2, sigma2, eps=eps, quiet=True)
 
 
 def feature_fid(sample_images, ref_images, model=None, classifier_path=DEFAULT_CLASSIFIER):
@@ -201,14 +182,6 @@ def feature_fid(sample_images, ref_images, model=None, classifier_path=DEFAULT_C
     return frechet_distance(mu1, s1, mu2, s2)
 
 
-def _file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def reference_stats(
     model,
     classifier_path,
@@ -221,7 +194,7 @@ def reference_stats(
     ref_stats_path; the cache is keyed on the classifier file's sha256 and the
     split and is recomputed when either differs.
     """
-    key = "%s:%s" % (_file_sha256(classifier_path), ref)
+    key = "%s:%s" % (sha256_file(classifier_path), ref)
     if ref_stats_path and os.path.isfile(ref_stats_path):
         with np.load(ref_stats_path) as z:
             if "key" in z and str(z["key"]) == key:
@@ -230,9 +203,8 @@ def reference_stats(
     mu, sigma = feature_stats(features(model, to_rgb32(images)))
     if ref_stats_path:
         os.makedirs(os.path.dirname(os.path.abspath(ref_stats_path)), exist_ok=True)
-        tmp = ref_stats_path + ".tmp.npz"
-        np.savez(tmp, mu=mu, sigma=sigma, key=np.array(key), n=np.array(len(images)))
-        os.replace(tmp, ref_stats_path)
+        with atomic_write(ref_stats_path) as f:
+            np.savez(f, mu=mu, sigma=sigma, key=np.array(key), n=np.array(len(images)))
     return mu, sigma
 
 
@@ -325,9 +297,8 @@ def train(
     model.eval()
     if out_path:
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        tmp = out_path + ".tmp"
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, out_path)
+        with atomic_write(out_path) as f:
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f)
         log("saved %s (%.2f MB)" % (out_path, os.path.getsize(out_path) / 2**20))
     return model, test_acc
 

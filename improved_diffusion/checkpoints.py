@@ -21,9 +21,9 @@ from .script_util import (
     create_classifier,
     create_classifier_and_diffusion,
     create_model_and_diffusion,
+    flags_with_card,
     half_dtype_for,
     model_and_diffusion_defaults,
-    read_model_card,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
@@ -300,8 +300,7 @@ def classifier_from_card(path, device):
     card (``name.json`` beside ``name.pt``) and loaded like :func:`load_model`,
     with the diffusion it was trained on.
     """
-    flags = classifier_and_diffusion_defaults()
-    flags.update({k: v for k, v in read_model_card(path).items() if k in flags})
+    flags = flags_with_card(path, classifier_and_diffusion_defaults())
     classifier, diffusion = create_classifier_and_diffusion(**flags)
     load_model(classifier, path, device, flags["classifier_use_fp16"],
                flag="--classifier_path", names=CLASSIFIER_FLAG_NAMES)

@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+from .file_util import atomic_json
+
 
 class Heartbeat(threading.Thread):
     """
@@ -58,11 +60,8 @@ class Heartbeat(threading.Thread):
         self.seq += 1
         report = dict(seq=self.seq, done=self.done, finished=self.finished,
                       abort=self.abort, pid=os.getpid(), host=platform.node())
-        tmp = self.path(self.rank) + ".tmp"
         try:
-            with open(tmp, "w") as f:
-                json.dump(report, f)
-            os.replace(tmp, self.path(self.rank))
+            atomic_json(self.path(self.rank), report, end="")
         except OSError:
             pass  # a full disk shows up where it matters: in the shard writes
 

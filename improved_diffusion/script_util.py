@@ -493,14 +493,19 @@ def read_model_card(model_path):
     return dict(card.get("flags", {}))
 
 
+def flags_with_card(model_path, defaults):
+    """`defaults` (a dict of flags) with the values the model card sets for its keys."""
+    flags = dict(defaults)
+    flags.update({k: v for k, v in read_model_card(model_path).items() if k in flags})
+    return flags
+
+
 def write_model_card(model_path, flags, **extra):
     """Write the flags a checkpoint needs next to it (atomically)."""
-    path = model_card_path(model_path)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(flags=flags, **extra), f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-    return path
+    from .file_util import atomic_json
+
+    return atomic_json(model_card_path(model_path), dict(flags=flags, **extra), end="",
+                       indent=1, sort_keys=True)
 
 
 def cpu_supports_bf16():

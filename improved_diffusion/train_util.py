@@ -11,7 +11,6 @@ import copy
 import functools
 import math
 import os
-import secrets
 import time
 
 import blobfile as bf
@@ -21,6 +20,7 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger
+from .file_util import atomic_torch_save
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
@@ -309,7 +309,7 @@ class TrainLoop:
                     filename = f"model{global_step:06d}.pt"
                 else:
                     filename = f"ema_{rate}_{global_step:06d}.pt"
-                _atomic_save(state_dict, bf.join(logdir, filename))
+                atomic_torch_save(state_dict, bf.join(logdir, filename))
 
             save_checkpoint(0, self.mp_trainer.master_params)
             for rate, params in zip(self.ema_rate, self.ema_params):
@@ -317,7 +317,7 @@ class TrainLoop:
             opt_state = self.opt.state_dict()
             if self.use_fp16:
                 opt_state["lg_loss_scale"] = float(self.mp_trainer.lg_loss_scale)
-            _atomic_save(opt_state, bf.join(logdir, f"opt{global_step:06d}.pt"))
+            atomic_torch_save(opt_state, bf.join(logdir, f"opt{global_step:06d}.pt"))
 
         dist_util.barrier()
 
@@ -410,31 +410,6 @@ class StepRateLogger:
         if steps > 0 and now > self.time:
             logger.logkv("steps_per_sec", steps / (now - self.time))
         self.time, self.step = now, step
-
-
-def _atomic_save(obj, path):
-    """th.save to a temporary file in the same folder, then os.replace it."""
-    if "://" in path:  # remote blob storage: no rename; write directly
-        with bf.BlobFile(path, "wb") as f:
-            th.save(obj, f)
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = os.path.join(
-        directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    )
-    try:
-        with open(tmp_path, "xb") as f:
-            th.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_path)
-        except OSError:
-            pass
-        raise
 
 
 def parse_resume_step_from_filename(filename):

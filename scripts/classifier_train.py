@@ -30,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.optim import AdamW  # noqa: E402
 
 from improved_diffusion import dist_util, logger  # noqa: E402
+from improved_diffusion.file_util import atomic_torch_save  # noqa: E402
 from improved_diffusion.fp16_util import MixedPrecisionTrainer  # noqa: E402
 from improved_diffusion.image_datasets import load_data  # noqa: E402
 from improved_diffusion.resample import create_named_schedule_sampler  # noqa: E402
@@ -42,7 +43,6 @@ from improved_diffusion.script_util import (  # noqa: E402
 )
 from improved_diffusion.train_util import (  # noqa: E402
     StepRateLogger,
-    _atomic_save,
     load_optimizer_state,
     log_loss_dict,
     parse_resume_step_from_filename,
@@ -237,11 +237,11 @@ class ClassifierTrainer:
             logger.log("saving model...")
             model_path = bf.join(logdir, f"model{step:06d}.pt")
             state = self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
-            _atomic_save(state, model_path)
+            atomic_torch_save(state, model_path)
             opt_state = self.opt.state_dict()
             if self.use_fp16:
                 opt_state["lg_loss_scale"] = float(self.mp_trainer.lg_loss_scale)
-            _atomic_save(opt_state, bf.join(logdir, f"opt{step:06d}.pt"))
+            atomic_torch_save(opt_state, bf.join(logdir, f"opt{step:06d}.pt"))
             if self.card_flags is not None and "://" not in model_path:
                 write_model_card(model_path, self.card_flags, step=step)
         dist_util.barrier()

@@ -49,7 +49,7 @@ from improved_diffusion.sampling import draw_batch, make_cond_fn, to_uint8  # no
 from improved_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,
-    read_model_card,
+    flags_with_card,
 )
 
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "models", "fashion32_ema.pt")
@@ -223,15 +223,12 @@ def main(argv=None):
     p.add_argument("--use_fp16", default=None, help="default: the model card's")
     args = p.parse_args(argv)
 
-    card = read_model_card(args.model_path)
-    flags = model_and_diffusion_defaults()
-    flags.update({k: v for k, v in card.items() if k in flags})
+    flags = flags_with_card(args.model_path, model_and_diffusion_defaults())
     if args.timestep_respacing is not None:
         flags["timestep_respacing"] = args.timestep_respacing
     if args.use_fp16 is not None:
         flags["use_fp16"] = args.use_fp16.lower() in ("1", "true", "yes")
-    sag_flags = sag_defaults()
-    sag_flags.update({k: v for k, v in card.items() if k in sag_flags})
+    sag_flags = flags_with_card(args.model_path, sag_defaults())
 
     device = th.device("cpu")
     model, diffusion = create_model_and_diffusion(**flags)
