@@ -23,7 +23,7 @@ What it reproduces, cost for cost:
 - ``--use_fp16`` is float16 weights in the torso whatever the device, as the
   published scripts do (``model.convert_to_fp16()``).
 
-Written from the published code's behaviour (SAG-NOTES.md); no code of it is
+Written from the published code's behaviour (docs/sag.md); no code of it is
 copied, and torchvision is not used.
 """
 

@@ -451,7 +451,7 @@ class GaussianDiffusion:
 
         When `sag` is None or does not apply at this step, this is
         p_mean_variance with out['guided_xstart'] = out['pred_xstart'].
-        Otherwise (see SAG-NOTES, items 2-9):
+        Otherwise (see docs/sag.md, steps 2-9):
 
         1. the first pass runs the model on x_t while `sag` captures the
            attention of its chosen block;

@@ -1,7 +1,7 @@
 """
 Explicit random generators for sampling.
 
-The seed contract (SAG-NOTES.md): the sample at position p of a run seeded S
+The seed contract (docs/sag.md): the sample at position p of a run seeded S
 depends on S + p alone, whatever the batch size or number of ranks. Each
 sample owns a CPU ``torch.Generator`` seeded S + p; draws are made on the CPU
 and moved to the device, so GPU runs match CPU runs up to float rounding.

@@ -63,7 +63,7 @@ class SelfAttentionGuidance:
     :param blur_sigma: standard deviation of the blur, in pixels (> 0).
     :param num_heads: the ``--num_heads`` flag. The published map splits qkv
         into this many heads in the legacy layout, whatever the block really
-        runs (SAG-NOTES item 4). Required unless true_attention.
+        runs (docs/sag.md, "The published map"). Required unless true_attention.
     :param true_attention: if True, use the attention the block really
         computes (its own head count and layout) instead of the published map.
     :param separable_blur: apply the blur as two 1-D passes (default; equal to

@@ -1,6 +1,6 @@
 """
 The pure pieces of Self-Attention Guidance: the attention mask, the Gaussian
-blur, the degradation and the guidance combine (SAG-NOTES items 5, 6, 8).
+blur, the degradation and the guidance combine (docs/sag.md, steps 5, 6 and 8).
 
 Nothing here touches a model or any random number generator.
 """

@@ -15,26 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from improved_diffusion import dist_util  # noqa: E402
+from improved_diffusion import cli, dist_util, sampling  # noqa: E402
 from improved_diffusion.checkpoints import classifier_from_args  # noqa: E402
-from improved_diffusion.cli import (  # noqa: E402
-    agree,
-    parse_args_with_card,
-    pure_usage_error,
-    run_main,
-    sampling_argparser,
-    validate_sample_args,
-)
 from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
-from improved_diffusion.sampling import (  # noqa: E402
-    describe_setup,
-    draw_batch,
-    make_cond_fn,
-    model_and_sag_from_args,
-    sag_pictures,
-    sampler_settings,
-    to_uint8,
-)
 from improved_diffusion.script_util import (  # noqa: E402
     classifier_defaults,
     model_and_diffusion_defaults,
@@ -43,11 +26,11 @@ from improved_diffusion.script_util import (  # noqa: E402
 
 
 def main(argv=None):
-    args = parse_args_with_card(create_argparser(), argv)
-    validate_sample_args(args)
+    args = cli.parse_args_with_card(create_argparser(), argv)
+    cli.validate_sample_args(args)
     guided = args.classifier_guidance
     if guided and not args.classifier_path:
-        raise pure_usage_error(
+        raise cli.pure_usage_error(
             "--classifier_guidance True needs --classifier_path (a noisy-image classifier, "
             "e.g. models/128x128_classifier.pt); or pass --classifier_guidance False"
         )
@@ -57,10 +40,10 @@ def main(argv=None):
         files["classifier_path"] = args.classifier_path
 
     def setup(log_dir):
-        model, diffusion, sag = model_and_sag_from_args(args)
+        model, diffusion, sag = sampling.model_and_sag_from_args(args)
         cond_fn = None
         if guided:
-            cond_fn = make_cond_fn(agree(classifier_from_args, args), args.classifier_scale)
+            cond_fn = sampling.make_cond_fn(cli.agree(classifier_from_args, args), args.classifier_scale)
         device = dist_util.dev()
 
         def model_fn(x, t, y=None, **kwargs):
@@ -68,19 +51,19 @@ def main(argv=None):
             return model(x, t, y if args.class_cond else None, **kwargs)
 
         def draw(positions, step_callback=None):
-            sample, labels = draw_batch(
+            sample, labels = sampling.draw_batch(
                 diffusion, model_fn, positions, (3, args.image_size, args.image_size), device,
-                **sampler_settings(args), draw_labels=True, num_classes=args.num_classes,
+                **sampling.sampler_settings(args), draw_labels=True, num_classes=args.num_classes,
                 cond_fn=cond_fn, sag=sag, step_callback=step_callback,
             )
-            return to_uint8(sample, positions), labels.cpu().numpy()
+            return sampling.to_uint8(sample, positions), labels.cpu().numpy()
 
         guidance = (
             f"classifier guidance: scale {args.classifier_scale}, {args.classifier_path}"
             if guided else "classifier guidance off (--classifier_guidance False)"
         )
-        return Batches(draw, describe_setup(args, model, diffusion, sag, [guidance]),
-                       sag_pictures(args, sag, diffusion, log_dir))
+        return Batches(draw, sampling.describe_setup(args, model, diffusion, sag, [guidance]),
+                       sampling.sag_pictures(args, sag, diffusion, log_dir))
 
     path = sample_to_npz(args, "classifier_sample", args.image_size, True, files, setup)
     if path:
@@ -88,9 +71,9 @@ def main(argv=None):
 
 
 def create_argparser():
-    return sampling_argparser(__doc__, model_and_diffusion_defaults(), classifier_defaults(),
-                              sag_defaults(), dict(classifier_path="", classifier_scale=1.0))
+    return cli.sampling_argparser(__doc__, model_and_diffusion_defaults(), classifier_defaults(),
+                                  sag_defaults(), dict(classifier_path="", classifier_scale=1.0))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

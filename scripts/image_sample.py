@@ -15,50 +15,35 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from improved_diffusion import dist_util  # noqa: E402
-from improved_diffusion.cli import (  # noqa: E402
-    parse_args_with_card,
-    pure_usage_error,
-    run_main,
-    sampling_argparser,
-    validate_sample_args,
-)
+from improved_diffusion import cli, dist_util, sampling  # noqa: E402
 from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
-from improved_diffusion.sampling import (  # noqa: E402
-    describe_setup,
-    draw_batch,
-    model_and_sag_from_args,
-    sag_pictures,
-    sampler_settings,
-    to_uint8,
-)
 from improved_diffusion.script_util import model_and_diffusion_defaults, sag_defaults  # noqa: E402
 
 
 def main(argv=None):
-    args = parse_args_with_card(create_argparser(), argv)
-    validate_sample_args(args)
+    args = cli.parse_args_with_card(create_argparser(), argv)
+    cli.validate_sample_args(args)
     if args.classifier_guidance:
-        raise pure_usage_error(
+        raise cli.pure_usage_error(
             "--classifier_guidance True needs a classifier; use scripts/classifier_sample.py "
             "with --classifier_path, or pass --classifier_guidance False"
         )
     dist_util.setup_dist()
 
     def setup(log_dir):
-        model, diffusion, sag = model_and_sag_from_args(args)
+        model, diffusion, sag = sampling.model_and_sag_from_args(args)
         device = dist_util.dev()
 
         def draw(positions, step_callback=None):
-            sample, labels = draw_batch(
+            sample, labels = sampling.draw_batch(
                 diffusion, model, positions, (3, args.image_size, args.image_size), device,
-                **sampler_settings(args), draw_labels=args.class_cond,
+                **sampling.sampler_settings(args), draw_labels=args.class_cond,
                 num_classes=args.num_classes, sag=sag, step_callback=step_callback,
             )
-            return to_uint8(sample, positions), None if labels is None else labels.cpu().numpy()
+            return sampling.to_uint8(sample, positions), None if labels is None else labels.cpu().numpy()
 
-        return Batches(draw, describe_setup(args, model, diffusion, sag),
-                       sag_pictures(args, sag, diffusion, log_dir))
+        return Batches(draw, sampling.describe_setup(args, model, diffusion, sag),
+                       sampling.sag_pictures(args, sag, diffusion, log_dir))
 
     path = sample_to_npz(args, "image_sample", args.image_size, args.class_cond,
                          {"model_path": args.model_path}, setup)
@@ -67,8 +52,8 @@ def main(argv=None):
 
 
 def create_argparser():
-    return sampling_argparser(__doc__, model_and_diffusion_defaults(), sag_defaults())
+    return cli.sampling_argparser(__doc__, model_and_diffusion_defaults(), sag_defaults())
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

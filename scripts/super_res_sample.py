@@ -19,39 +19,22 @@ import torch as th
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from improved_diffusion import dist_util  # noqa: E402
-from improved_diffusion.cli import (  # noqa: E402
-    UsageError,
-    agree,
-    parse_args_with_card,
-    pure_usage_error,
-    run_main,
-    sampling_argparser,
-    validate_sample_args,
-)
+from improved_diffusion import cli, dist_util, sampling  # noqa: E402
 from improved_diffusion.npz_io import npz_array  # noqa: E402
 from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
-from improved_diffusion.sampling import (  # noqa: E402
-    describe_setup,
-    draw_batch,
-    model_and_sag_from_args,
-    sag_pictures,
-    sampler_settings,
-    to_uint8,
-)
 from improved_diffusion.script_util import sag_defaults, sr_model_and_diffusion_defaults  # noqa: E402
 
 
 def main(argv=None):
-    args = parse_args_with_card(create_argparser(), argv)
-    validate_sample_args(args)
+    args = cli.parse_args_with_card(create_argparser(), argv)
+    cli.validate_sample_args(args)
     if args.classifier_guidance:
-        raise pure_usage_error(
+        raise cli.pure_usage_error(
             "--classifier_guidance True is not available for super-resolution; "
             "pass --classifier_guidance False"
         )
     if not args.base_samples:
-        raise pure_usage_error(
+        raise cli.pure_usage_error(
             "--base_samples is required: an npz of low-resolution samples "
             "(arr_0, and arr_1 labels for class-conditional models), e.g. from image_sample.py"
         )
@@ -59,8 +42,8 @@ def main(argv=None):
     files = {"model_path": args.model_path, "base_samples": args.base_samples}
 
     def setup(log_dir):
-        images, labels = agree(open_base_samples, args)
-        model, diffusion, sag = model_and_sag_from_args(args, super_res=True)
+        images, labels = cli.agree(open_base_samples, args)
+        model, diffusion, sag = sampling.model_and_sag_from_args(args, super_res=True)
         device = dist_util.dev()
 
         def draw(positions, step_callback=None):
@@ -71,16 +54,16 @@ def main(argv=None):
             if labels is not None:
                 batch_labels = np.asarray(labels[rows], dtype=np.int64)
                 model_kwargs["y"] = th.from_numpy(batch_labels).to(device)
-            sample, _ = draw_batch(
+            sample, _ = sampling.draw_batch(
                 diffusion, model, positions, (3, args.large_size, args.large_size), device,
-                **sampler_settings(args), model_kwargs=model_kwargs, sag=sag,
+                **sampling.sampler_settings(args), model_kwargs=model_kwargs, sag=sag,
                 step_callback=step_callback,
             )
-            return to_uint8(sample, positions), batch_labels
+            return sampling.to_uint8(sample, positions), batch_labels
 
         base = f"base samples {args.base_samples}: {len(images)} images"
-        return Batches(draw, describe_setup(args, model, diffusion, sag, [base]),
-                       sag_pictures(args, sag, diffusion, log_dir))
+        return Batches(draw, sampling.describe_setup(args, model, diffusion, sag, [base]),
+                       sampling.sag_pictures(args, sag, diffusion, log_dir))
 
     path = sample_to_npz(args, "super_res_sample", args.large_size, args.class_cond, files, setup)
     if path:
@@ -95,13 +78,13 @@ def open_base_samples(args):
     except MemoryError:
         raise
     except Exception as e:  # not a zip, no arr_0, pickled objects...
-        raise UsageError(
+        raise cli.UsageError(
             f"cannot read arr_0 of --base_samples {path} ({type(e).__name__}: {e}); "
             "pass an npz written by image_sample.py"
         ) from None
     want = (args.small_size, args.small_size, 3)
     if images.ndim != 4 or tuple(images.shape[1:]) != want or images.dtype != np.uint8 or not len(images):
-        raise UsageError(
+        raise cli.UsageError(
             f"--base_samples {path} holds {images.dtype} images of shape {tuple(images.shape)}; "
             f"expected uint8 (N, {args.small_size}, {args.small_size}, 3) for --small_size "
             f"{args.small_size}"
@@ -111,25 +94,25 @@ def open_base_samples(args):
         try:
             labels = npz_array(path, "arr_1")
         except KeyError:
-            raise UsageError(
+            raise cli.UsageError(
                 f"--base_samples {path} has no labels (arr_1) but --class_cond True; "
                 "pass samples from a class-conditional run (classifier_sample.py writes them)"
             ) from None
         if labels.shape != (len(images),):
-            raise UsageError(
+            raise cli.UsageError(
                 f"--base_samples {path}: arr_1 has shape {labels.shape}, expected ({len(images)},)"
             )
         if len(labels) and (labels.min() < 0 or labels.max() >= args.num_classes):
-            raise UsageError(
+            raise cli.UsageError(
                 f"--base_samples {path}: labels outside 0..{args.num_classes - 1} (--num_classes)"
             )
     return images, labels
 
 
 def create_argparser():
-    return sampling_argparser(__doc__, sr_model_and_diffusion_defaults(), sag_defaults(),
-                              dict(base_samples=""))
+    return cli.sampling_argparser(__doc__, sr_model_and_diffusion_defaults(), sag_defaults(),
+                                  dict(base_samples=""))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    cli.run_main(main)

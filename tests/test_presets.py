@@ -29,7 +29,7 @@ from improved_diffusion.script_util import (
 PRESETS = os.path.join(ROOT, "scripts", "presets")
 VARIABLES = ("SCRIPT", "MODEL_PATH", "BASE_SAMPLES", "SAMPLE_FLAGS", "MODEL_FLAGS", "SAG_FLAGS", "CLASSIFIER_FLAGS")
 
-# The seed's commands (../shared/seed/SEED-README.md), as published.
+# The seed's commands (docs/seed-commands.md), as published.
 SEED = {
     "128x128_diffusion": dict(
         SAMPLE_FLAGS="--batch_size 64 --num_samples 10000 --timestep_respacing 250",

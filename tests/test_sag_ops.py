@@ -10,7 +10,7 @@ from improved_diffusion import sag_ops
 
 
 def _reference_blur(x, sigma, pad_mode):
-    """Direct 2-D convolution by the formula in SAG-NOTES item 6, in float64 numpy."""
+    """Direct 2-D convolution by the formula of docs/sag.md, step 6, in float64 numpy."""
     k = 31
     xs = np.arange(k) - 15
     w = np.exp(-0.5 * (xs / float(np.float32(sigma))) ** 2)

@@ -1,5 +1,5 @@
 # ImageNet 128x128, class-conditional, SAG with classifier guidance.
-# The seed's command, verbatim (../shared/seed/SEED-README.md).
+# The seed's command, verbatim (docs/seed-commands.md).
 # --num_heads 4 without --num_head_channels: the published map is the model's true attention.
 #
 #   source scripts/presets/128x128_diffusion.sh

@@ -1,5 +1,5 @@
 # LSUN cat 256x256, unconditional, SAG.
-# The seed's command, verbatim (../shared/seed/SEED-README.md).
+# The seed's command, verbatim (docs/seed-commands.md).
 # --num_head_channels 64: published (mixed-head) map by default; --sag_true_attention True for the true one.
 #
 #   source scripts/presets/lsun_cat.sh
