@@ -5,8 +5,11 @@ Usage::
 
     with AttentionCapture(block, num_heads=4, legacy=True) as cap:
         model(x, t)
-    cap.weights   # [N*num_heads x T x T]
     cap.key_mass  # [N x T]: mean over heads, then sum over queries
+
+    with AttentionCapture(block, keep="weights") as cap:
+        model(x, t)
+    cap.weights   # [N*H x T x T], the whole map
 
 The hooks are registered on entry and always removed on exit, exceptions
 included. The result lives on the capture object; modules and globals hold
@@ -35,13 +38,13 @@ class AttentionCapture:
     :param block: the AttentionBlock to watch.
     :param num_heads: heads to split qkv into. None: the block's own count.
     :param legacy: qkv layout to assume. None: the block's own layout.
-    :param keep: "weights" keeps the whole map (``weights``, and
-        ``key_mass`` from it); "key_mass" keeps only the per-key mass that
-        the SAG mask needs (``weights`` stays None), reduced chunk by chunk,
-        so the batch's T x T map is never held.
+    :param keep: "key_mass" (default) keeps only the per-key mass that the
+        SAG mask needs (``weights`` stays None), reduced chunk by chunk, so
+        the batch's T x T map is never held; "weights" keeps the whole map
+        (``weights``, and ``key_mass`` from it), for inspection.
     """
 
-    def __init__(self, block, num_heads=None, legacy=None, keep="weights"):
+    def __init__(self, block, num_heads=None, legacy=None, keep="key_mass"):
         if not isinstance(block, AttentionBlock):
             raise TypeError(f"expected an AttentionBlock, got {type(block).__name__}")
         if keep not in KEEP_CHOICES:

@@ -478,7 +478,7 @@ class GaussianDiffusion:
             out["guided_xstart"] = out["pred_xstart"]
             return out
 
-        with sag.capture(keep="key_mass") as attention:
+        with sag.capture() as attention:
             out = self.p_mean_variance(
                 model, x, t, clip_denoised, denoised_fn, model_kwargs
             )

@@ -138,14 +138,14 @@ class SelfAttentionGuidance:
         index = int(t[0]) if hasattr(t, "shape") and len(t.shape) else int(t)
         return self.start > index
 
-    def capture(self, keep="weights"):
+    def capture(self, keep="key_mass"):
         """
         A fresh AttentionCapture on the chosen block, with this map's head
         split. When the map is the block's own attention, the block computes
         its weights once for both its output and the capture.
 
-        :param keep: "weights" (the whole map) or "key_mass" (only what the
-            mask needs; what the sampler uses).
+        :param keep: "key_mass" (only what the mask needs) or "weights" (the
+            whole map, for inspection).
         """
         if self.true_attention:
             return AttentionCapture(self.block, keep=keep)

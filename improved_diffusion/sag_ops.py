@@ -28,27 +28,12 @@ def key_mass(attn_map, batch_size):
     return attn_map.float().reshape(batch_size, bh // batch_size, tq, tk).mean(1).sum(1)
 
 
-def attention_mask(attn_map, batch_size, image_shape):
-    """
-    The SAG mask from an attention map, as the published sampler builds it.
-
-    The map is averaged over heads, then summed over queries: one number per
-    key position. The mask is 1 where that number is > 1.0. It is reshaped to
-    the map's square resolution (from its token count), repeated over the
-    image channels and upsampled with nearest-neighbour interpolation.
-
-    :param attn_map: [N*H x T x T] attention weights, query by key (softmax
-                     over keys), N the batch size and H the number of heads.
-    :param batch_size: N.
-    :param image_shape: (C, H, W) of the images the mask applies to.
-    :return: an [N x C x H x W] float32 tensor of zeros and ones.
-    """
-    return key_mass_mask(key_mass(attn_map, batch_size), image_shape)
-
-
 def key_mass_mask(mass, image_shape):
     """
-    The SAG mask from the per-key attention mass (see attention_mask()).
+    The SAG mask from the per-key attention mass, as the published sampler
+    builds it (docs/sag.md, step 5): 1 where the mass is > 1.0, reshaped to
+    the map's square resolution, repeated over the image channels and
+    upsampled with nearest-neighbour interpolation.
 
     :param mass: [N x T] head-averaged attention summed over queries (key_mass()).
     :param image_shape: (C, H, W) of the images the mask applies to.

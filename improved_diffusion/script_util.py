@@ -555,11 +555,8 @@ def prepare_model_for_sampling(model, device, use_fp16, channels_last=False, att
     Put a loaded model (already on `device`) in its sampling setup.
 
     - precision: the torso in half_dtype_for(device, use_fp16);
-    - memory format: channels-last when `channels_last` is True. Off by
-      default: on this project's CPU (AVX512-BF16) it gained nothing on the
-      ImageNet-128 UNet once the bfloat16 GroupNorm runs natively, and cost
-      35% on the 32x32 default model (layout copies around attention); on
-      CUDA it was not measured here;
+    - memory format: channels-last when `channels_last` is True (off by
+      default; why: benchmarks/RESULTS.md, "Channels-last");
     - attention: `attention` ("auto", "sdpa", "einsum") for every attention
       layer; None keeps each layer's (``auto`` unless the
       ``IMPROVED_DIFFUSION_ATTENTION`` environment variable says otherwise:

@@ -35,8 +35,8 @@ ATTENTION_BACKEND_ENV = "IMPROVED_DIFFUSION_ATTENTION"
 
 # The explicit (einsum) attention path on CPU computes large maps in chunks
 # of whole heads, about EINSUM_CHUNK_ELEMENTS weights each, so that a chunk's
-# T x T weights stay in cache: 1.5-3x faster for batched or large maps, and
-# bit-identical (each head's products and softmax are computed alone anyway).
+# T x T weights stay in cache (timings: benchmarks/RESULTS.md), bit-identical
+# (each head's products and softmax are computed alone anyway).
 # Maps of at most EINSUM_CHUNK_MIN_ELEMENTS weights are done in one product.
 EINSUM_CHUNK_ELEMENTS = 1 << 18
 EINSUM_CHUNK_MIN_ELEMENTS = 1 << 22
@@ -86,29 +86,6 @@ def _softmax_weights(q, k, out_dtype):
     return th.softmax(weight, dim=-1, dtype=th.float32).type(out_dtype)
 
 
-def attention_weights(qkv, n_heads, legacy=True, float32=False):
-    """
-    Compute softmax attention weights from a packed qkv tensor.
-
-    This is the one place attention weights are computed: the attention ops
-    use it, and so does attention capture for SAG.
-
-    :param qkv: an [N x (3 * H * C) x T] tensor of packed queries, keys, values.
-    :param n_heads: number of heads H to split the channels into.
-    :param legacy: the qkv layout (see split_qkv()).
-    :param float32: if True, compute the logits from q and k cast to float32
-                    and return float32 weights (the published SAG map); else
-                    compute them in the qkv dtype and cast the weights back to
-                    it (what the attention layers compute). The same in float32.
-    :return: (weight, v): weight is [N*H x T x T] (query by key, softmax over
-             keys in float32); v is [N*H x C x T].
-    """
-    q, k, v = split_qkv(qkv, n_heads, legacy)
-    if float32:
-        return _softmax_weights(q.float(), k.float(), th.float32), v
-    return _softmax_weights(q, k, q.dtype), v
-
-
 def _row_step(rows, heads, length, chunk_elements):
     """Rows (multiples of `heads`) per chunk for a budget of map elements."""
     if not chunk_elements:
@@ -119,8 +96,8 @@ def _row_step(rows, heads, length, chunk_elements):
 
 def iter_attention_weights(qkv, n_heads, legacy=True, chunk_elements=OBSERVED_CHUNK_ELEMENTS):
     """
-    The weights of attention_weights(..., float32=True) in chunks of whole
-    samples, each with at most about `chunk_elements` weights (at least one
+    Softmax attention weights in float32 (logits from q and k cast to
+    float32: the published SAG map) in chunks of whole samples, each with at most about `chunk_elements` weights (at least one
     sample; None: the whole batch at once).
 
     :return: an iterator of (first sample, weight [n*H x T x T] float32,
@@ -137,8 +114,8 @@ def iter_attention_weights(qkv, n_heads, legacy=True, chunk_elements=OBSERVED_CH
 
 def einsum_attention(qkv, n_heads, legacy=True, chunk_elements=None):
     """
-    QKV attention with explicit weights (attention_weights(), then their
-    product with the values), as upstream computes it.
+    QKV attention with explicit weights (softmax of the scaled q.k logits,
+    then their product with the values), as upstream computes it.
 
     :param chunk_elements: if set, compute the heads in chunks of about this
         many weights (same result, bit for bit; see EINSUM_CHUNK_ELEMENTS).

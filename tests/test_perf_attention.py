@@ -8,10 +8,10 @@ from improved_diffusion import sag_ops, unet
 from improved_diffusion.attention_capture import AttentionCapture
 from improved_diffusion.sag import SelfAttentionGuidance
 from improved_diffusion.script_util import prepare_model_for_sampling
+from sag_reference import attention_mask, attention_weights
 from improved_diffusion.unet import (
     QKVAttention,
     QKVAttentionLegacy,
-    attention_weights,
     default_attention_backend,
     einsum_attention,
     sdpa_attention,
@@ -130,7 +130,7 @@ def test_published_map_is_rebuilt_when_it_is_not_the_true_attention(monkeypatch)
     calls = []
     real = unet._softmax_weights
     monkeypatch.setattr(unet, "_softmax_weights", lambda *a: calls.append(1) or real(*a))
-    with AttentionCapture(block, num_heads=4, legacy=True) as cap:
+    with AttentionCapture(block, num_heads=4, legacy=True, keep="weights") as cap:
         _forward(model)
     n_ops = sum(isinstance(m, (QKVAttention, QKVAttentionLegacy)) for m in model.modules())
     assert not cap.is_true_attention and len(calls) == n_ops + 1
@@ -151,7 +151,7 @@ def test_key_mass_capture_equals_full_map_reduction(true_attention):
     assert th.equal(small.key_mass, full.key_mass)
     assert th.equal(full.key_mass, sag_ops.key_mass(full.weights, 2))
     mask = sag_ops.key_mass_mask(small.key_mass, (3, 16, 16))
-    assert th.equal(mask, sag_ops.attention_mask(full.weights, 2, (3, 16, 16)))
+    assert th.equal(mask, attention_mask(full.weights, 2, (3, 16, 16)))
 
 
 def test_capture_recovers_after_a_failed_forward():
@@ -182,7 +182,7 @@ def test_sag_step_mask_unchanged_by_fast_paths(tiny):
     t = th.tensor([2, 2])
     with sag.capture(keep="weights") as cap:
         diffusion.p_mean_variance(model, x, t)
-    want = sag_ops.attention_mask(cap.weights, 2, (3, 16, 16))
+    want = attention_mask(cap.weights, 2, (3, 16, 16))
     out = diffusion.guided_p_mean_variance(model, x, t, sag=sag)
     assert th.equal(out["sag_mask"], want)
 

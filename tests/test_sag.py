@@ -36,7 +36,7 @@ def test_capture_is_scoped_and_removed(tiny):
     model, _ = tiny
     block = model.attention_blocks()[("output", 0)]
     assert _hooks(model) == 0
-    with AttentionCapture(block) as cap:
+    with AttentionCapture(block, keep="weights") as cap:
         assert _hooks(model) == 1
         _run(model)
     assert _hooks(model) == 0
@@ -57,7 +57,7 @@ def test_capture_matches_block_attention_both_layouts(new_order):
     handle = block.attention.register_forward_hook(
         lambda m, inp, out: seen.update(qkv=inp[0], out=out)
     )
-    with AttentionCapture(block) as cap:
+    with AttentionCapture(block, keep="weights") as cap:
         _run(model)
     handle.remove()
     assert cap.is_true_attention
@@ -80,9 +80,9 @@ def test_published_map_vs_true_heads():
     model, _ = tiny_model(num_heads=4, num_head_channels=16)
     published = SelfAttentionGuidance(model, block="output", depth=0, num_heads=4)
     true = SelfAttentionGuidance(model, block="output", depth=0, num_heads=4, true_attention=True)
-    with published.capture() as cp:
+    with published.capture(keep="weights") as cp:
         _run(model)
-    with true.capture() as ct:
+    with true.capture(keep="weights") as ct:
         _run(model)
     assert cp.weights.shape == (2 * 4, 64, 64) and not cp.is_true_attention
     assert ct.weights.shape == (2 * 2, 64, 64) and ct.is_true_attention
@@ -99,9 +99,9 @@ def test_published_map_vs_true_heads():
     model4, _ = tiny_model(num_heads=2)
     a = SelfAttentionGuidance(model4, depth=0, num_heads=2)
     b = SelfAttentionGuidance(model4, depth=0, num_heads=2, true_attention=True)
-    with a.capture() as ca:
+    with a.capture(keep="weights") as ca:
         _run(model4)
-    with b.capture() as cb:
+    with b.capture(keep="weights") as cb:
         _run(model4)
     assert th.equal(ca.weights, cb.weights)
 

