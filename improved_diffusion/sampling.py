@@ -7,7 +7,9 @@ The seed contract (docs/sag.md): the sample at position p of a run depends
 on ``seed + p`` alone, whatever the batch size and number of ranks.
 """
 
+import dataclasses
 import os
+from typing import Any, Callable, Optional, Tuple
 
 import torch as th
 import torch.nn.functional as F
@@ -83,6 +85,45 @@ def draw_batch(
             step_callback(index, out)
         final = out
     return final["sample"], labels
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchDrawer:
+    """
+    ``drawer(positions, step_callback=None)`` -> (uint8 NHWC images, int64
+    labels or None): :func:`draw_batch` then :func:`to_uint8`, with what a
+    sampling script fixed once (the run calls it for every batch).
+
+    :param settings: seed, use_ddim, eta, clip_denoised (:func:`sampler_settings`).
+    :param batch_inputs: optional ``batch_inputs(positions)`` -> (model_kwargs,
+        labels or None) for inputs that come with the positions (the low-
+        resolution images of super-resolution and their labels).
+    """
+
+    diffusion: Any
+    model_fn: Callable
+    image_shape: Tuple[int, int, int]
+    device: Any
+    settings: dict
+    sag: Optional[Any] = None
+    cond_fn: Optional[Callable] = None
+    draw_labels: bool = False
+    num_classes: int = 1000
+    batch_inputs: Optional[Callable] = None
+
+    def __call__(self, positions, step_callback=None):
+        model_kwargs, labels = {}, None
+        if self.batch_inputs is not None:
+            model_kwargs, labels = self.batch_inputs(positions)
+        sample, drawn = draw_batch(
+            self.diffusion, self.model_fn, positions, self.image_shape, self.device,
+            **self.settings, draw_labels=self.draw_labels, num_classes=self.num_classes,
+            cond_fn=self.cond_fn, sag=self.sag, model_kwargs=model_kwargs,
+            step_callback=step_callback,
+        )
+        if drawn is not None:
+            labels = drawn.cpu().numpy()
+        return to_uint8(sample, positions), labels
 
 
 def to_uint8(sample, positions=None):

@@ -97,8 +97,9 @@ def _row_step(rows, heads, length, chunk_elements):
 def iter_attention_weights(qkv, n_heads, legacy=True, chunk_elements=OBSERVED_CHUNK_ELEMENTS):
     """
     Softmax attention weights in float32 (logits from q and k cast to
-    float32: the published SAG map) in chunks of whole samples, each with at most about `chunk_elements` weights (at least one
-    sample; None: the whole batch at once).
+    float32: the published SAG map) in chunks of whole samples, each with
+    at most about `chunk_elements` weights (at least one sample; None: the
+    whole batch at once).
 
     :return: an iterator of (first sample, weight [n*H x T x T] float32,
              v [n*H x C x T]).

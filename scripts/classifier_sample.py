@@ -43,20 +43,18 @@ def main(argv=None):
         model, diffusion, sag = sampling.model_and_sag_from_args(args)
         cond_fn = None
         if guided:
-            cond_fn = sampling.make_cond_fn(cli.agree(classifier_from_args, args), args.classifier_scale)
-        device = dist_util.dev()
+            classifier = cli.agree(classifier_from_args, args)
+            cond_fn = sampling.make_cond_fn(classifier, args.classifier_scale)
 
         def model_fn(x, t, y=None, **kwargs):
             # Labels are drawn for the classifier; the model sees them if it is conditional.
             return model(x, t, y if args.class_cond else None, **kwargs)
 
-        def draw(positions, step_callback=None):
-            sample, labels = sampling.draw_batch(
-                diffusion, model_fn, positions, (3, args.image_size, args.image_size), device,
-                **sampling.sampler_settings(args), draw_labels=True, num_classes=args.num_classes,
-                cond_fn=cond_fn, sag=sag, step_callback=step_callback,
-            )
-            return sampling.to_uint8(sample, positions), labels.cpu().numpy()
+        draw = sampling.BatchDrawer(
+            diffusion, model_fn, (3, args.image_size, args.image_size), dist_util.dev(),
+            sampling.sampler_settings(args), sag=sag, cond_fn=cond_fn, draw_labels=True,
+            num_classes=args.num_classes,
+        )
 
         guidance = (
             f"classifier guidance: scale {args.classifier_scale}, {args.classifier_path}"

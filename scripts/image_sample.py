@@ -32,16 +32,11 @@ def main(argv=None):
 
     def setup(log_dir):
         model, diffusion, sag = sampling.model_and_sag_from_args(args)
-        device = dist_util.dev()
-
-        def draw(positions, step_callback=None):
-            sample, labels = sampling.draw_batch(
-                diffusion, model, positions, (3, args.image_size, args.image_size), device,
-                **sampling.sampler_settings(args), draw_labels=args.class_cond,
-                num_classes=args.num_classes, sag=sag, step_callback=step_callback,
-            )
-            return sampling.to_uint8(sample, positions), None if labels is None else labels.cpu().numpy()
-
+        draw = sampling.BatchDrawer(
+            diffusion, model, (3, args.image_size, args.image_size), dist_util.dev(),
+            sampling.sampler_settings(args), sag=sag, draw_labels=args.class_cond,
+            num_classes=args.num_classes,
+        )
         return Batches(draw, sampling.describe_setup(args, model, diffusion, sag),
                        sampling.sag_pictures(args, sag, diffusion, log_dir))
 

@@ -46,7 +46,8 @@ def main(argv=None):
         model, diffusion, sag = sampling.model_and_sag_from_args(args, super_res=True)
         device = dist_util.dev()
 
-        def draw(positions, step_callback=None):
+        def base_inputs(positions):
+            """Position p upsamples base image p modulo their number (with its label)."""
             rows = [p % len(images) for p in positions]
             low = th.from_numpy(np.asarray(images[rows], dtype=np.float32) / 127.5 - 1.0)
             model_kwargs = dict(low_res=low.permute(0, 3, 1, 2).contiguous().to(device))
@@ -54,12 +55,12 @@ def main(argv=None):
             if labels is not None:
                 batch_labels = np.asarray(labels[rows], dtype=np.int64)
                 model_kwargs["y"] = th.from_numpy(batch_labels).to(device)
-            sample, _ = sampling.draw_batch(
-                diffusion, model, positions, (3, args.large_size, args.large_size), device,
-                **sampling.sampler_settings(args), model_kwargs=model_kwargs, sag=sag,
-                step_callback=step_callback,
-            )
-            return sampling.to_uint8(sample, positions), batch_labels
+            return model_kwargs, batch_labels
+
+        draw = sampling.BatchDrawer(
+            diffusion, model, (3, args.large_size, args.large_size), device,
+            sampling.sampler_settings(args), sag=sag, batch_inputs=base_inputs,
+        )
 
         base = f"base samples {args.base_samples}: {len(images)} images"
         return Batches(draw, sampling.describe_setup(args, model, diffusion, sag, [base]),
