@@ -26,6 +26,7 @@ SAMPLES.npz holds arr_0 (uint8 [N, 32, 32, 3]) and, optionally, arr_1
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 import time
@@ -260,6 +261,31 @@ def score(
     return dict(n=len(images), accuracy=acc, fid=fid, colour_cast=colour_cast(images))
 
 
+DEFAULT_REFERENCE = os.path.join(REPO_ROOT, "models", "fashion_eval_reference.json")
+
+
+def real_image_reference(sizes, classifier_path=DEFAULT_CLASSIFIER, ref_stats_path=DEFAULT_REF_STATS,
+                         source_dir=DEFAULT_SOURCE_DIR):
+    """
+    What real images score, per sample count n: the last n training images
+    (unseen by the FID reference, the test split) with their true labels.
+    FID grows as n shrinks, so samples are compared with the row of their n.
+    """
+    model = load_classifier(classifier_path)
+    images, labels = load_fashion_mnist("train", source_dir=source_dir)
+    images = to_rgb32(images)
+    mu, sigma = reference_stats(model, classifier_path, "test", ref_stats_path, source_dir)
+    rows = {}
+    for n in sizes:
+        imgs, labs = images[-n:], labels[-n:]
+        rows[str(n)] = dict(accuracy=accuracy(model, imgs, labs),
+                            fid=feature_fid(imgs, (mu, sigma), model=model),
+                            colour_cast=colour_cast(imgs))
+    return dict(classifier_sha256=_file_sha256(classifier_path),
+                scored="the last n Fashion-MNIST training images, true labels, FID vs the test split",
+                rows=rows)
+
+
 def train(
     epochs=4,
     batch_size=128,
@@ -353,7 +379,23 @@ def main(argv=None):
                         "for --ref test, ..._train.npz for --ref train)")
     s.add_argument("--source_dir", default=DEFAULT_SOURCE_DIR)
     s.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("reference", help="score real images at given sample counts into a JSON "
+                                         "that the demo compares with (models/fashion_eval_reference.json)")
+    r.add_argument("--n", default="256,1000", help="comma-separated sample counts")
+    r.add_argument("--out", default=DEFAULT_REFERENCE)
+    r.add_argument("--source_dir", default=DEFAULT_SOURCE_DIR)
     args = p.parse_args(argv)
+
+    if args.cmd == "reference":
+        result = real_image_reference([int(n) for n in args.n.split(",") if n],
+                                      source_dir=args.source_dir)
+        result["command"] = "python evaluations/fashion_metrics.py reference --n %s" % args.n
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.out)
+        print(json.dumps(result["rows"]))
+        return 0
 
     if args.cmd == "train":
         t0 = time.time()
