@@ -25,6 +25,7 @@ SAMPLES.npz holds arr_0 (uint8 [N, 32, 32, 3]) and, optionally, arr_1
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from improved_diffusion.file_util import atomic_write, sha256_file  # noqa: E402
+from improved_diffusion.file_util import atomic_json, atomic_write, sha256_file  # noqa: E402
 from improved_diffusion.fashion_mnist import (  # noqa: E402
     DEFAULT_SOURCE_DIR,
     load_fashion_mnist,
@@ -232,6 +233,31 @@ def score(
     return dict(n=len(images), accuracy=acc, fid=fid, colour_cast=colour_cast(images))
 
 
+DEFAULT_REFERENCE = os.path.join(REPO_ROOT, "models", "fashion_eval_reference.json")
+
+
+def real_image_reference(sizes, classifier_path=DEFAULT_CLASSIFIER, ref_stats_path=DEFAULT_REF_STATS,
+                         source_dir=DEFAULT_SOURCE_DIR):
+    """
+    What real images score, per sample count n: the last n training images
+    (unseen by the FID reference, the test split) with their true labels.
+    FID grows as n shrinks, so samples are compared with the row of their n.
+    """
+    model = load_classifier(classifier_path)
+    images, labels = load_fashion_mnist("train", source_dir=source_dir)
+    images = to_rgb32(images)
+    mu, sigma = reference_stats(model, classifier_path, "test", ref_stats_path, source_dir)
+    rows = {}
+    for n in sizes:
+        imgs, labs = images[-n:], labels[-n:]
+        rows[str(n)] = dict(accuracy=accuracy(model, imgs, labs),
+                            fid=feature_fid(imgs, (mu, sigma), model=model),
+                            colour_cast=colour_cast(imgs))
+    return dict(classifier_sha256=sha256_file(classifier_path),
+                scored="the last n Fashion-MNIST training images, true labels, FID vs the test split",
+                rows=rows)
+
+
 def train(
     epochs=4,
     batch_size=128,
@@ -324,7 +350,20 @@ def main(argv=None):
                         "for --ref test, ..._train.npz for --ref train)")
     s.add_argument("--source_dir", default=DEFAULT_SOURCE_DIR)
     s.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("reference", help="score real images at given sample counts into a JSON "
+                                         "that the demo compares with (models/fashion_eval_reference.json)")
+    r.add_argument("--n", default="256,1000", help="comma-separated sample counts")
+    r.add_argument("--out", default=DEFAULT_REFERENCE)
+    r.add_argument("--source_dir", default=DEFAULT_SOURCE_DIR)
     args = p.parse_args(argv)
+
+    if args.cmd == "reference":
+        result = real_image_reference([int(n) for n in args.n.split(",") if n],
+                                      source_dir=args.source_dir)
+        result["command"] = "python evaluations/fashion_metrics.py reference --n %s" % args.n
+        atomic_json(args.out, result, end="", indent=1)
+        print(json.dumps(result["rows"]))
+        return 0
 
     if args.cmd == "train":
         t0 = time.time()

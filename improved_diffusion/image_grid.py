@@ -10,9 +10,11 @@ import math
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .file_util import atomic_write
+
+TEXT_HEIGHT = 14  # pixels of a caption line (Pillow's built-in font, no files needed)
 
 
 def to_pixels(x):
@@ -80,19 +82,68 @@ def save_grid(path, images, max_images=64, min_size=256):
     return save_png(path, grid)
 
 
-def sag_figure(columns, scale=None):
+def with_text(picture, left=None, top=None, left_width=0, title=None):
+    """
+    `picture` (uint8 HxWx3) with black text on white around it: `title` one
+    line above everything, `top` a list of (x, text) captions on a line above
+    the picture, `left` a list of (y, text) labels in a column of
+    `left_width` pixels on its left.
+    """
+    font = ImageFont.load_default()
+    h, w = picture.shape[:2]
+    lines = (title is not None) + (top is not None)
+    canvas = Image.new("RGB", (left_width + w, lines * TEXT_HEIGHT + h), "white")
+    canvas.paste(Image.fromarray(np.ascontiguousarray(picture)), (left_width, lines * TEXT_HEIGHT))
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    if title is not None:
+        draw.text((2, y + 1), title, fill="black", font=font)
+        y += TEXT_HEIGHT
+    for x, text in top or ():
+        draw.text((left_width + x, y + 1), text, fill="black", font=font)
+    for row_y, text in left or ():
+        draw.text((2, lines * TEXT_HEIGHT + row_y), text, fill="black", font=font)
+    return np.asarray(canvas)
+
+
+def sag_figure(columns, scale=None, captions=None, title=None, pad=2):
     """
     One row per sample, one column per picture kind (e.g. final sample,
-    x_0 prediction, SAG mask, blurred prediction), all uint8 NHWC of one size.
+    x_0 prediction, SAG mask, blurred prediction), all uint8 NHWC of one size;
+    `captions` name the columns on a line above them, `title` goes on top.
     """
     n = columns[0].shape[0]
     tiles = np.stack([col[i] for i in range(n) for col in columns])
-    grid = make_grid(tiles, ncols=len(columns))
+    grid = make_grid(tiles, ncols=len(columns), pad=pad)
     if scale is None:
         scale = max(1, 128 // columns[0].shape[1])
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    return grid
+    if captions is None and title is None:
+        return grid
+    col_width = (columns[0].shape[2] + pad) * scale
+    top = None if captions is None else [(i * col_width + pad * scale, c) for i, c in enumerate(captions)]
+    return with_text(grid, top=top, title=title)
+
+
+def class_rows(images, labels, class_names, per_class=8, scale=3, pad=2, label_width=70):
+    """
+    One row per class: the first `per_class` samples drawn with that label
+    (blank where there are fewer), the class name on the left.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    h, w = images.shape[1:3]
+    blank = np.full((h, w, 3), 255, dtype=np.uint8)
+    tiles = []
+    for c in range(len(class_names)):
+        picks = list(images[labels == c][:per_class])
+        tiles += picks + [blank] * (per_class - len(picks))
+    grid = make_grid(np.stack(tiles), ncols=per_class, pad=pad)
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    row = (h + pad) * scale
+    left = [(pad * scale + r * row + row // 2 - TEXT_HEIGHT // 2, name)
+            for r, name in enumerate(class_names)]
+    return with_text(grid, left=left, left_width=label_width)
 
 
 class AttentionMaskRecorder:
@@ -109,7 +160,9 @@ class AttentionMaskRecorder:
     :param timestep_map: respaced index -> model timestep, for the file names.
     """
 
-    COLUMNS = ("final sample", "x_0 prediction", "SAG mask", "blurred prediction")
+    # The columns: the final sample, the x_0 prediction of that step, the SAG
+    # mask (white: where the blur applies), the blurred prediction.
+    CAPTIONS = ("final", "x0 pred", "mask", "blurred")
 
     def __init__(self, out_dir, guided, max_steps=4, max_samples=8, timestep_map=None):
         self.out_dir = out_dir
@@ -148,8 +201,11 @@ class AttentionMaskRecorder:
             pred, mask, blurred = self.kept[index]
             final = np.asarray(final_images[: pred.shape[0]])
             name = f"step_{index:04d}"
+            title = f"sampling step {index} (counting down)"
             if self.timestep_map is not None:
                 name += f"_t{int(self.timestep_map[index]):04d}"
+                title += f", model timestep {int(self.timestep_map[index])}"
             path = os.path.join(self.out_dir, name + ".png")
-            paths.append(save_png(path, sag_figure([final, pred, mask, blurred])))
+            figure = sag_figure([final, pred, mask, blurred], captions=self.CAPTIONS, title=title)
+            paths.append(save_png(path, figure))
         return paths

@@ -108,6 +108,35 @@ def score_samples(npz_path, classifier_path=None):
     return fashion_metrics.score(npz_path, **kwargs)
 
 
+def write_class_rows(npz_path, out_dir, per_class=8):
+    """samples_by_class.png: one row per class with its name; None for unconditional samples."""
+    import numpy as np
+
+    from improved_diffusion.fashion_mnist import CLASS_NAMES
+    from improved_diffusion.image_grid import class_rows, save_png
+
+    with np.load(npz_path) as z:
+        if "arr_1" not in z:
+            return None
+        images, labels = z["arr_0"], z["arr_1"]
+    path = os.path.join(out_dir, "samples_by_class.png")
+    return save_png(path, class_rows(images, labels, CLASS_NAMES, per_class=per_class))
+
+
+def real_image_reference(n):
+    """The real-image row of models/fashion_eval_reference.json for n samples (None if absent)."""
+    from evaluations.fashion_metrics import DEFAULT_REFERENCE
+
+    try:
+        with open(DEFAULT_REFERENCE) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if str(n) not in rows:
+        return None
+    return dict(rows[str(n)], n=n)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.strip().splitlines()[0],
@@ -155,24 +184,33 @@ def main(argv=None):
     with open(metrics_path, "w") as f:
         json.dump(metrics, f, indent=1)
 
+    by_class = write_class_rows(npz, out_dir)
+    reference = real_image_reference(args.num_samples)
+
     print()
     print(f"demo: {args.num_samples} samples in {sample_seconds:.0f} s")
     if args.score:
+        real = (lambda key, fmt: f"   (real images, n={reference['n']}: {fmt % reference[key]})"
+                if reference else "")
         print(f"  accuracy of the drawn labels (our Fashion-MNIST classifier): "
-              f"{metrics['accuracy']:.4f}")
-        print(f"  feature FID vs the test split (n={args.num_samples}): {metrics['fid']:.2f}")
-        print(f"  colour cast (mean max-min over R, G, B; gray data: 0): "
-              f"{metrics['colour_cast']:.2f} levels")
-    print(f"  samples: {npz}")
+              f"{metrics['accuracy']:.3f}{real('accuracy', '%.3f')}")
+        print(f"  feature FID vs the test split (n={args.num_samples}): "
+              f"{metrics['fid']:.1f}{real('fid', '%.1f')}")
+        print(f"  colour cast (mean max-min over R, G, B): "
+              f"{metrics['colour_cast']:.2f} levels{real('colour_cast', '%.0f')}")
+    print(f"  samples:      {npz}  (arr_0 images, arr_1 labels)")
+    if by_class:
+        print(f"  by class:     {by_class}  (one row per class)")
     pics = pictures(out_dir)
     for path in pics:
-        if os.path.dirname(path) == out_dir:
-            print(f"  grid: {path}")
+        if os.path.dirname(path) == out_dir and path != by_class:
+            print(f"  grid:         {path}  (the first 64 in drawing order)")
     mask_dirs = sorted({os.path.dirname(p) for p in pics if os.path.dirname(p) != out_dir})
     for folder in mask_dirs:
         count = sum(os.path.dirname(p) == folder for p in pics)
-        print(f"  SAG-mask pictures: {folder} ({count} PNGs)")
-    print(f"  metrics: {metrics_path}")
+        print(f"  SAG masks:    {folder}  ({count} PNGs, one per step: final sample, "
+              f"x0 prediction, mask, blurred prediction)")
+    print(f"  metrics:      {metrics_path}")
     return metrics
 
 

@@ -225,3 +225,33 @@ def test_init_checkpoint_starts_a_new_run_from_the_weights(fresh_logger, tmp_pat
     assert th.equal(_flat(loop.mp_trainer.master_params), _flat(src.mp_trainer.master_params))
     assert th.equal(_flat(loop.ema_params[0]), _flat(src.mp_trainer.master_params))
     assert not loop.opt.state  # a fresh optimizer
+
+
+def test_resume_bundle_with_bfloat16_optimizer_state(fresh_logger, tmp_path):
+    run = tmp_path / "run"
+    loop = tiny_loop(max_steps=2, save_interval=2)
+    logger.configure(dir=str(run), format_strs=["csv"])
+    loop.run_loop()
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import make_resume_bundle
+    finally:
+        sys.path.pop(0)
+    assert make_resume_bundle.main([str(run), "2", str(tmp_path / "bundle")]) == 0
+    saved = th.load(tmp_path / "bundle" / "opt000002.pt", weights_only=True)
+    moments = [v for s in saved["state"].values() for k, v in s.items() if k != "step"]
+    assert moments and all(v.dtype == th.bfloat16 for v in moments)
+    assert (tmp_path / "bundle" / "step.txt").read_text().strip() == "2"
+    assert make_resume_bundle.main([str(run), "3", str(tmp_path / "bundle")]) == 2
+
+    resumed = tiny_loop(resume_checkpoint=str(tmp_path / "bundle" / "model000002.pt"))
+    assert resumed.resume_step == 2
+    state = resumed.opt.state_dict()["state"]
+    full = th.load(run / "opt000002.pt", weights_only=True)["state"]
+    for key in full:
+        for name, value in full[key].items():
+            if name == "step":
+                continue
+            got = state[key][name]
+            assert got.dtype == th.float32  # cast back on loading
+            assert th.equal(got, value.to(th.bfloat16).float())
