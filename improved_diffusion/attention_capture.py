@@ -88,7 +88,7 @@ class AttentionCapture:
             (qkv,) = inputs
             with th.no_grad():
                 for start, weight, _ in iter_attention_weights(
-                    qkv, self.num_heads, self.legacy, module.observed_chunk_elements(qkv)
+                    qkv, self.num_heads, self.legacy, module.chunk_elements_for(qkv, observed=True)
                 ):
                     self._take(module, start, weight)
         parts, self._parts = self._parts, []

@@ -493,9 +493,7 @@ class _QKVAttentionBase(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.backend = default_attention_backend()
-        # None: automatic chunking (see EINSUM_CHUNK_ELEMENTS and
-        # OBSERVED_CHUNK_ELEMENTS); a number: weights per chunk, any device.
-        self.chunk_elements = None
+        self.chunk_elements = None  # None: automatic (see chunk_elements_for())
         self._weights_hooks = OrderedDict()
 
     def register_weights_hook(self, hook):
@@ -523,20 +521,19 @@ class _QKVAttentionBase(nn.Module):
             raise ValueError(f"unknown attention backend {self.backend!r}")
         return qkv.device.type in self.AUTO_SDPA_DEVICES
 
-    def einsum_chunk_elements(self, qkv):
-        """Weights per chunk of the explicit path for `qkv` (None: one product)."""
+    def chunk_elements_for(self, qkv, observed=False):
+        """
+        Weights per chunk of the explicit path for `qkv`: the layer's
+        `chunk_elements` when set; else cache-sized chunks for large maps on
+        CPU; else one product (None), or at most OBSERVED_CHUNK_ELEMENTS when
+        the weights are `observed` (materialised for a capture).
+        """
         if self.chunk_elements is not None:
             return self.chunk_elements
         bs, _, length = qkv.shape
         if qkv.device.type == "cpu" and bs * self.n_heads * length * length > EINSUM_CHUNK_MIN_ELEMENTS:
             return EINSUM_CHUNK_ELEMENTS
-        return None
-
-    def observed_chunk_elements(self, qkv):
-        """Weights per chunk when the weights are observed (whole samples)."""
-        if self.chunk_elements is not None:
-            return self.chunk_elements
-        return self.einsum_chunk_elements(qkv) or OBSERVED_CHUNK_ELEMENTS
+        return OBSERVED_CHUNK_ELEMENTS if observed else None
 
     def forward(self, qkv):
         """
@@ -550,14 +547,14 @@ class _QKVAttentionBase(nn.Module):
         if self.uses_sdpa(qkv):
             return sdpa_attention(qkv, self.n_heads, legacy=self.legacy)
         return einsum_attention(
-            qkv, self.n_heads, legacy=self.legacy, chunk_elements=self.einsum_chunk_elements(qkv)
+            qkv, self.n_heads, legacy=self.legacy, chunk_elements=self.chunk_elements_for(qkv)
         )
 
     def _observed_forward(self, qkv):
         bs, _, length = qkv.shape
         parts = []
         for start, weight, v in iter_attention_weights(
-            qkv, self.n_heads, self.legacy, self.observed_chunk_elements(qkv)
+            qkv, self.n_heads, self.legacy, self.chunk_elements_for(qkv, observed=True)
         ):
             for hook in list(self._weights_hooks.values()):
                 hook(self, start, weight)
@@ -820,10 +817,6 @@ class UNetModel(nn.Module):
     def convert_to_fp32(self):
         """Convert the torso of the model to float32."""
         self.convert_to_fp16(th.float32)
-
-    def set_attention_backend(self, backend):
-        """Use `backend` ("auto", "sdpa", "einsum") in every attention layer."""
-        return set_attention_backend(self, backend)
 
     def attention_blocks(self):
         """

@@ -55,9 +55,9 @@ def test_sdpa_matches_einsum(legacy, dtype, atol):
 @pytest.mark.parametrize("new_order", [False, True])
 def test_model_sdpa_backend_matches_einsum(new_order):
     model, _ = tiny_model(use_new_attention_order=new_order, num_head_channels=16)
-    model.set_attention_backend("einsum")
+    unet.set_attention_backend(model, "einsum")
     want = _forward(model)
-    model.set_attention_backend("sdpa")
+    unet.set_attention_backend(model, "sdpa")
     got = _forward(model)
     assert th.allclose(got, want, atol=1e-5), (got - want).abs().max()
     ops = [m for m in model.modules() if isinstance(m, (QKVAttention, QKVAttentionLegacy))]
@@ -88,7 +88,7 @@ def test_einsum_chunks_are_bit_identical():
         assert th.equal(einsum_attention(qkv, 2, chunk_elements=chunk), whole)
     # The model's automatic chunking (CPU, large maps) changes nothing either.
     model, _ = tiny_model()
-    model.set_attention_backend("einsum")
+    unet.set_attention_backend(model, "einsum")
     want = _forward(model)
     for m in model.modules():
         if isinstance(m, QKVAttentionLegacy):
@@ -100,7 +100,7 @@ def test_einsum_chunks_are_bit_identical():
 def test_capture_once_same_output_and_one_weight_computation(monkeypatch, chunk):
     """A captured true-attention layer computes its weights once, for its output and the map."""
     model, _ = tiny_model()
-    model.set_attention_backend("einsum")
+    unet.set_attention_backend(model, "einsum")
     block = model.attention_blocks()[("output", 0)]
     block.attention.chunk_elements = chunk
     plain = _op_outputs(model)
