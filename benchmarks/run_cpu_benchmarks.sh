@@ -1,15 +1,18 @@
 #!/bin/bash
-# The CPU benchmark behind benchmarks/RESULTS.md, then one merged table:
+# Every CPU run behind benchmarks/RESULTS.md, each writing the files that
+# RESULTS.md quotes (NAME.json, NAME.md, NAME.log in OUT_DIR), then one
+# merged table (tables.md):
 #   bash benchmarks/run_cpu_benchmarks.sh [OUT_DIR]      (default benchmarks/results)
-# Per architecture, one run interleaves this fork (float32 and --use_fp16)
-# with the published code in float32, and measures peak memory. The
-# published --use_fp16 path (float16 weights) takes minutes per step on a
-# CPU without float16 convolutions, so it is timed last, by single runs
-# (plain and SAG; at 128x128 and the 32x32 default only).
-# About an hour on one core of this project's CPU. THREADS (default 1) sets
-# torch's threads; REPEATS (default 3) the repeats at 32x32 and 128x128
-# (256x256 gets 2). Pin it with taskset to keep other work off its cores:
+# The runs interleave this fork and the published code (rebuilt in
+# benchmarks/published_reference.py) on random weights. The published
+# --use_fp16 path (float16 weights) takes minutes per step on a CPU without
+# float16 convolutions: its ImageNet-128 step is stopped after 14 minutes
+# (published_half_imagenet128_killed.log), its 32x32 steps are single runs.
+# About 2 hours on one core of this project's CPU. THREADS (default 1) sets
+# torch's threads; REPEATS (default 3) the repeats at 32x32 and 128x128.
+# Pin it with taskset to keep other work off its cores:
 #   taskset -c 1 bash benchmarks/run_cpu_benchmarks.sh
+# ONLY=name1,name2 runs only those runs (names as the output files).
 set -e
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
@@ -18,19 +21,51 @@ THREADS=${THREADS:-1}
 REPEATS=${REPEATS:-3}
 export OMP_NUM_THREADS=$THREADS
 mkdir -p "$OUT"
-BENCH="$PY benchmarks/benchmark_sampling.py --threads $THREADS"
 PUBLISHED_HALF=published/half/plain,published/half/sag,published/half/sag_cg
 
-for arch in fashion32 imagenet128 imagenet256; do
-  repeats=$REPEATS
-  [ "$arch" = imagenet256 ] && repeats=2
-  $BENCH --archs "$arch" --repeats "$repeats" --steps 1,2 --memory --skip "$PUBLISHED_HALF" \
-    --json "$OUT/$arch.json" --markdown "$OUT/$arch.md" > "$OUT/$arch.log" 2>&1
+run() {  # run NAME FLAGS...: one benchmark_sampling.py run into OUT/NAME.{json,md,log}
+  local name=$1
+  shift
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 0; fi
+  echo "$name"
+  $PY benchmarks/benchmark_sampling.py --threads "$THREADS" "$@" \
+    --json "$OUT/$name.json" --markdown "$OUT/$name.md" > "$OUT/$name.log" 2>&1
+}
+
+# fp32 and --use_fp16 (ours), fp32 (published), peak memory: the main tables.
+run fashion32 --archs fashion32 --repeats "$REPEATS" --steps 1,2 --memory --skip "$PUBLISHED_HALF"
+run imagenet128 --archs imagenet128 --repeats "$REPEATS" --steps 1,2 --memory --skip "$PUBLISHED_HALF"
+# bfloat16 weights forced for both implementations: the "bf16 (both)" rows.
+run fashion32_bf16 --archs fashion32 --precisions bf16 --impls ours,published --modes plain,sag \
+  --repeats "$REPEATS" --steps 1,2
+run imagenet128_bf16 --archs imagenet128 --precisions bf16 --impls ours,published --modes plain,sag \
+  --repeats "$REPEATS" --steps 1,2
+# ImageNet-256: three runs of 1-2 repeats (a SAG step takes a minute on one core).
+run imagenet256_timing_1repeat --archs imagenet256 --repeats 1 --steps 1,2 --skip "$PUBLISHED_HALF"
+run imagenet256_fp32 --archs imagenet256 --precisions fp32 --impls ours,published --modes plain,sag \
+  --repeats 2 --steps 1,2
+run imagenet256_fp32_sag --archs imagenet256 --precisions fp32 --impls ours,published --modes sag \
+  --repeats 1 --steps 1,2
+# The published --use_fp16 path: single runs at 32x32; at 128x128 stopped after 14 minutes.
+run published_half_fashion32 --archs fashion32 --impls published --precisions half --modes plain,sag \
+  --repeats 0 --slow_s 0
+if [ -z "$ONLY" ] || [[ ",$ONLY," == *",published_half_imagenet128_killed,"* ]]; then
+  echo published_half_imagenet128_killed
+  timeout 840 $PY benchmarks/benchmark_sampling.py --threads "$THREADS" --archs imagenet128 \
+    --impls published --precisions half --modes plain --repeats 0 --slow_s 0 \
+    > "$OUT/published_half_imagenet128_killed.log" 2>&1 || true
+fi
+# Half precision vs float32 samples on the golden checkpoints.
+if [ -z "$ONLY" ] || [[ ",$ONLY," == *",half_precision_error,"* ]]; then
+  echo half_precision_error
+  $PY benchmarks/half_precision_error.py --threads 2 --precisions half,autocast \
+    --json "$OUT/half_precision_error.json" --markdown "$OUT/half_precision_error.md"
+fi
+
+tables=""
+for name in fashion32 imagenet128 fashion32_bf16 imagenet128_bf16 imagenet256_fp32 \
+    imagenet256_fp32_sag published_half_fashion32; do
+  [ -f "$OUT/$name.json" ] && tables="$tables${tables:+,}$OUT/$name.json"
 done
-$BENCH --archs imagenet128,fashion32 --impls published --precisions half --modes plain,sag \
-  --repeats 0 --slow_s 0 --json "$OUT/published_half.json" --markdown "$OUT/published_half.md" \
-  > "$OUT/published_half.log" 2>&1
-$PY benchmarks/benchmark_sampling.py \
-  --from_json "$OUT/fashion32.json,$OUT/imagenet128.json,$OUT/imagenet256.json,$OUT/published_half.json" \
-  --markdown "$OUT/tables.md" > /dev/null
+$PY benchmarks/benchmark_sampling.py --from_json "$tables" --markdown "$OUT/tables.md" > /dev/null
 echo "tables: $OUT/tables.md"
