@@ -130,6 +130,13 @@ def parse_args_with_card(parser, argv=None):
     return args
 
 
+def parse_sample_args(parser, argv=None):
+    """:func:`parse_args_with_card`, then :func:`validate_sample_args`."""
+    args = parse_args_with_card(parser, argv)
+    validate_sample_args(args)
+    return args
+
+
 def _finite(value):
     try:
         return math.isfinite(float(value))

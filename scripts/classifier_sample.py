@@ -26,8 +26,7 @@ from improved_diffusion.script_util import (  # noqa: E402
 
 
 def main(argv=None):
-    args = cli.parse_args_with_card(create_argparser(), argv)
-    cli.validate_sample_args(args)
+    args = cli.parse_sample_args(create_argparser(), argv)
     guided = args.classifier_guidance
     if guided and not args.classifier_path:
         raise cli.pure_usage_error(

@@ -21,8 +21,7 @@ from improved_diffusion.script_util import model_and_diffusion_defaults, sag_def
 
 
 def main(argv=None):
-    args = cli.parse_args_with_card(create_argparser(), argv)
-    cli.validate_sample_args(args)
+    args = cli.parse_sample_args(create_argparser(), argv)
     if args.classifier_guidance:
         raise cli.pure_usage_error(
             "--classifier_guidance True needs a classifier; use scripts/classifier_sample.py "

@@ -26,8 +26,7 @@ from improved_diffusion.script_util import sag_defaults, sr_model_and_diffusion_
 
 
 def main(argv=None):
-    args = cli.parse_args_with_card(create_argparser(), argv)
-    cli.validate_sample_args(args)
+    args = cli.parse_sample_args(create_argparser(), argv)
     if args.classifier_guidance:
         raise cli.pure_usage_error(
             "--classifier_guidance True is not available for super-resolution; "
