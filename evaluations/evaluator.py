@@ -31,7 +31,12 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):  # run as a script: make `evaluations` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from improved_diffusion.npz_io import UnsupportedNpyVersion, read_npy_header  # noqa: E402
+from improved_diffusion.npz_io import (  # noqa: E402
+    TruncatedMember,
+    UnsupportedNpyVersion,
+    iter_npz_rows,
+    read_npy_header,
+)
 from evaluations.fid_inception import (  # noqa: E402
     FID_WEIGHTS_FILENAME,
     POOL_DIM,
@@ -431,13 +436,11 @@ class NpzBatch:
             for i in range(0, n, batch_size):
                 yield arr[i : i + batch_size]
             return
-        item = int(np.prod(self.shape[1:]))
-        with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
-            _read_npy_header(f)
-            for i in range(0, n, batch_size):
-                bs = min(batch_size, n - i)
-                data = _read_exact(f, bs * item)
-                yield np.frombuffer(data, dtype=np.uint8).reshape((bs,) + tuple(self.shape[1:]))
+        try:
+            yield from iter_npz_rows(self.path, "arr_0", batch_size)
+        except TruncatedMember as e:
+            raise EvaluationError(f"arr_0 ends after {e.got} of {e.size} bytes of a batch; "
+                                  "the npz file is truncated, write it again") from None
 
 
 def _read_npy_header(f):
@@ -446,18 +449,6 @@ def _read_npy_header(f):
     except UnsupportedNpyVersion:  # read through np.load instead of streaming
         return None, None, None, False
     return shape, fortran, dtype, True
-
-
-def _read_exact(f, size):
-    chunks, got = [], 0
-    while got < size:
-        chunk = f.read(size - got)
-        if not chunk:
-            raise EvaluationError(f"arr_0 ends after {got} of {size} bytes of a batch; "
-                                  "the npz file is truncated, write it again")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
 
 
 # ----------------------------------------------------------------------------

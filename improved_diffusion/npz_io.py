@@ -49,6 +49,45 @@ def read_npy_header(f):
     raise UnsupportedNpyVersion(f"npy format version {version} is not streamed")
 
 
+class TruncatedMember(ValueError):
+    """A member of an npz holds fewer bytes than its header promises."""
+
+    def __init__(self, key, got, size):
+        super().__init__(f"{key} ends after {got} of {size} bytes")
+        self.key, self.got, self.size = key, got, size
+
+
+def iter_npz_rows(path, key, batch_size):
+    """
+    The rows of member `key` (a C-order array) in arrays of at most
+    `batch_size` rows, read in order from the zip member (stored or
+    compressed), never the whole array at once. Raises UnsupportedNpyVersion
+    for headers it does not stream (read those with ``np.load``) and
+    TruncatedMember when the data ends early.
+    """
+    with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as f:
+        shape, fortran, dtype = read_npy_header(f)
+        if fortran:
+            raise UnsupportedNpyVersion(f"{key} is stored in Fortran order")
+        row_shape = tuple(shape[1:])
+        row_bytes = int(np.prod(row_shape)) * dtype.itemsize
+        for start in range(0, shape[0], batch_size):
+            n = min(batch_size, shape[0] - start)
+            data = _read_exact(f, n * row_bytes, key)
+            yield np.frombuffer(data, dtype=dtype).reshape((n,) + row_shape)
+
+
+def _read_exact(f, size, key):
+    chunks, got = [], 0
+    while got < size:
+        chunk = f.read(size - got)
+        if not chunk:
+            raise TruncatedMember(key, got, size)
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
 def write_npz_streaming(path, members):
     """
     Write an uncompressed npz (what ``np.savez`` writes) member by member.
