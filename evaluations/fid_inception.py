@@ -25,7 +25,6 @@ Outputs used by the evaluator:
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from improved_diffusion.file_util import atomic_write
 
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -373,12 +374,11 @@ def download_file(url, dest, sha256_prefix=None, progress=True, timeout=60):
 
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(dest) + ".", suffix=".part", dir=folder)
     fix = f"download {url} by hand and pass --inception_path PATH"
     try:
         digest = hashlib.sha256()
         size = 0
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+        with atomic_write(dest, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             with tqdm(
@@ -397,19 +397,16 @@ def download_file(url, dest, sha256_prefix=None, progress=True, timeout=60):
                     digest.update(chunk)
                     size += len(chunk)
                     bar.update(len(chunk))
-        if total is not None and size != total:
-            raise EvaluationError(f"download of {url} stopped after {size} of {total} bytes; {fix}")
-        got = digest.hexdigest()
-        if sha256_prefix and not got.startswith(sha256_prefix):
-            raise EvaluationError(
-                f"{url} has sha256 {got[:16]}..., expected {sha256_prefix}...; {fix}"
-            )
-        os.replace(tmp, dest)
+            # Checked before the rename: a bad download never becomes `dest`.
+            if total is not None and size != total:
+                raise EvaluationError(f"download of {url} stopped after {size} of {total} bytes; {fix}")
+            got = digest.hexdigest()
+            if sha256_prefix and not got.startswith(sha256_prefix):
+                raise EvaluationError(
+                    f"{url} has sha256 {got[:16]}..., expected {sha256_prefix}...; {fix}"
+                )
     except (urllib.error.URLError, OSError) as exc:
         raise EvaluationError(f"could not download {url} ({exc}); {fix}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return dest
 
 
