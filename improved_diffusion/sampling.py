@@ -1,7 +1,8 @@
 """
-Drawing one seeded batch of samples, and what the sampling scripts build
-around it: the SAG object from the flags, classifier guidance, the SAG
-pictures as a per-step callback, the uint8 cast, the log lines.
+Drawing one seeded batch of samples (:func:`draw_batch`, and
+:class:`BatchDrawer`, what a script hands the run), and what the sampling
+scripts build around it: the SAG object from the flags, classifier guidance,
+the SAG pictures as a per-step callback, the uint8 cast, the log lines.
 
 The seed contract (docs/sag.md): the sample at position p of a run depends
 on ``seed + p`` alone, whatever the batch size and number of ranks.
