@@ -6,6 +6,7 @@ Tiny random checkpoints are made in tmp dirs (tests/conftest.py tiny_flags).
 """
 
 import glob
+import hashlib
 import importlib.util
 import json
 import os
@@ -15,12 +16,14 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
 import torch as th
 
 from conftest import MPIEXEC, ROOT, needs_mpiexec, reserved_port, tiny_model
+from improved_diffusion.sample_run import read_shard_flags
 
 needs_mpi = needs_mpiexec  # skip without mpiexec; fail under CI=true
 
@@ -173,6 +176,25 @@ def test_mpi_killed_run_resumes_to_same_npz(ckpts, mpi_full, tmp_path):
     shards = sorted(os.listdir(out / "shards"))
     assert sum(s.startswith("shard_") for s in shards) >= 6
     assert not [s for s in shards if s.endswith(".npz") and not s.startswith("shard_")]
+    # What the sampler wrote: plain zips of .npy members, loadable without
+    # pickle; the positions they hold, labels and the run's flags.
+    for name in (s for s in shards if s.startswith("shard_")):
+        path = out / "shards" / name
+        with zipfile.ZipFile(path) as z:
+            assert sorted(z.namelist()) == ["flags.npy", "images.npy", "labels.npy",
+                                            "positions.npy"]
+        with np.load(path, allow_pickle=False) as shard:
+            positions = shard["positions"]
+            assert positions.dtype == np.int64 and len(positions) in (1, 2)
+            assert positions.tolist() == list(range(positions[0], positions[0] + len(positions)))
+            assert shard["images"].shape == (len(positions), 16, 16, 3)
+            assert shard["images"].dtype == np.uint8
+            assert shard["labels"].shape == (len(positions),)
+        recorded = read_shard_flags(str(path))
+        assert recorded["script"] == "image_sample"
+        assert recorded["seed"] == 3 and recorded["num_classes"] == 10
+        with open(ckpts["cond"], "rb") as f:
+            assert recorded["model_path sha256"] == hashlib.sha256(f.read()).hexdigest()
 
     resumed = run_script("image_sample.py", flags, out, ranks=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
