@@ -20,7 +20,8 @@ third to fifth step. Each case therefore runs under a pinned thread count:
   mass of 1 - 1.3e-4 under 1 thread (1 - 3.7e-4 when the same sampler runs
   in float64, the side the published run took) and 1 + 2.4e-4 under 2 threads,
   where that sample comes out 3.3 levels off.
-- the others under 2 threads (they pass under 1 thread as well).
+- the others under 1 thread (they pass under 2 threads as well; one thread
+  is much faster on a busy 2-core machine).
 """
 
 import glob
@@ -39,7 +40,7 @@ GOLDEN = os.path.join(ROOT, "tests", "golden")
 with open(os.path.join(GOLDEN, "cases.json")) as f:
     CASES = json.load(f)
 
-THREADS = {"tiny64_cg_sag": "1"}  # see the module docstring; others: "2"
+THREADS = {"tiny64_headch16_sag": "2"}  # see the module docstring; others: "1"
 
 
 def golden_path(name):
@@ -63,7 +64,7 @@ def run_case(name, tmp_path, extra=(), threads=None):
     """Run case `name`; return the npz's arrays (arr_0, and arr_1 if any)."""
     case = CASES[name]
     out = tmp_path / "out"
-    threads = threads or THREADS.get(name, "2")
+    threads = threads or THREADS.get(name, "1")
     env = dict(os.environ, OPENAI_LOGDIR=str(out), OMP_NUM_THREADS=threads)
     res = subprocess.run(
         case_command(case, extra), capture_output=True, text=True, env=env, timeout=600
@@ -120,6 +121,7 @@ def test_golden_cg_needs_the_classifier(tmp_path):
 
 def test_golden_headch16_needs_the_published_map(tmp_path):
     """The headch16 case tests the published head split: the true map is far off."""
-    got = run_case("tiny64_headch16_sag", tmp_path, ["--sag_true_attention", "True"])
+    # One thread: this map is far from the published one whatever the thread count.
+    got = run_case("tiny64_headch16_sag", tmp_path, ["--sag_true_attention", "True"], threads="1")
     mean, _ = diff_stats(got["arr_0"], expected("tiny64_headch16_sag")["arr_0"])
     assert mean > 1.0, mean
