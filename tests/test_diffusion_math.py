@@ -484,3 +484,57 @@ def test_kl_loss_rescaled_by_num_timesteps():
     b = d_rkl.training_losses(ExactEps(eps, offset=0.1), x0, ts(1), noise=eps)["loss"]
     assert float(b) == pytest.approx(3 * float(a), rel=1e-9)
     assert float(a) > 0
+
+
+# ---------------------------------------------------------------------------
+# Flags that cannot be made: one error that names the flag
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragments",
+    [
+        (dict(steps=10, noise_schedule="cosine", timestep_respacing="ddim6"),
+         ["--timestep_respacing 'ddim6'", "--diffusion_steps 10", "integer stride"]),
+        (dict(steps=30, timestep_respacing="20,20,20"),
+         ["--timestep_respacing '20,20,20'", "section of 10 steps into 20"]),
+        (dict(steps=1000, timestep_respacing="fast"), ["--timestep_respacing 'fast'", "not a step count"]),
+        (dict(steps=1000, timestep_respacing="0"), ["--timestep_respacing '0'", "no steps at all"]),
+        (dict(steps=10), ["--noise_schedule linear with --diffusion_steps 10", "betas up to 2"]),
+        (dict(steps=20), ["--noise_schedule linear with --diffusion_steps 20", "betas up to 1",
+                          "--diffusion_steps 21 or more"]),
+        (dict(steps=100, noise_schedule="quadratic"), ["--noise_schedule must be linear or cosine"]),
+        (dict(steps=0), ["--diffusion_steps must be >= 1"]),
+    ],
+)
+def test_impossible_diffusion_flags_name_the_flag(kwargs, fragments):
+    with pytest.raises(ValueError) as info:
+        create_gaussian_diffusion(**kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_impossible_respacing_is_one_error_line_from_the_script(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, tiny_model
+
+    model, _ = tiny_model()
+    ckpt = tmp_path / "tiny.pt"
+    th.save(model.state_dict(), ckpt)
+    cmd = [sys.executable, f"{ROOT}/scripts/image_sample.py", "--image_size", "16",
+           "--num_channels", "32", "--channel_mult", "1,1", "--num_res_blocks", "1",
+           "--attention_resolutions", "8", "--num_heads", "2", "--learn_sigma", "True",
+           "--timestep_respacing", "ddim300",
+           "--num_samples", "1", "--model_path", str(ckpt)]
+    env = dict(__import__("os").environ, OPENAI_LOGDIR=str(tmp_path / "out"), OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [
+        # strides 3 and 4 give 334 and 250 steps
+        "error: --timestep_respacing 'ddim300' cannot be made from --diffusion_steps 1000 (cannot "
+        "create exactly 300 steps with an integer stride from 1000); pass a step count from 1 to "
+        "1000 (e.g. 250), comma-separated counts per equal section of the steps (e.g. 10,20,30), "
+        "or ddimN for N steps at an integer stride"
+    ]
