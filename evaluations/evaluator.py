@@ -154,7 +154,8 @@ def inception_score(probs, split_size=5000):
     ``split_size`` rows, exp of the mean KL divergence of each row from the
     split's mean row; averaged over splits. Computed in the dtype of ``probs``
     (float32 from the network, as published). A probability of exactly 0
-    contributes 0 (0 log 0 = 0) instead of NaN.
+    contributes 0 (0 log 0 = 0) instead of NaN; so does a denormal one whose
+    split mean underflows to 0 (p log(p / mean) is then about 1e-44, not inf).
     """
     probs = np.asarray(probs)
     if probs.ndim != 2 or probs.shape[0] == 0:
@@ -167,8 +168,9 @@ def inception_score(probs, split_size=5000):
     with np.errstate(divide="ignore", invalid="ignore"):
         for i in range(0, len(probs), split_size):
             part = probs[i : i + split_size]
-            kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
-            kl = np.where(part > 0, kl, np.zeros((), dtype=kl.dtype))
+            marginal = np.expand_dims(np.mean(part, 0), 0)
+            kl = part * (np.log(part) - np.log(marginal))
+            kl = np.where((part > 0) & (marginal > 0), kl, np.zeros((), dtype=kl.dtype))
             kl = np.mean(np.sum(kl, 1))
             scores.append(np.exp(kl))
     return float(np.mean(scores))

@@ -13,6 +13,7 @@ import torch as th
 
 from . import dist_util
 from .cli import UsageError
+from .model_card import flags_with_card
 from .published_checkpoints import PUBLISHED_CHECKPOINTS
 from .script_util import (
     args_to_dict,
@@ -21,7 +22,6 @@ from .script_util import (
     create_classifier,
     create_classifier_and_diffusion,
     create_model_and_diffusion,
-    flags_with_card,
     half_dtype_for,
     model_and_diffusion_defaults,
     sr_create_model_and_diffusion,

@@ -14,7 +14,8 @@ import os
 import sys
 
 from . import dist_util
-from .script_util import add_dict_to_argparser, read_model_card
+from .model_card import read_model_card
+from .script_util import add_dict_to_argparser
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL_PATH = os.path.join("models", "fashion32_ema.pt")

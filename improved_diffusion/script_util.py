@@ -5,14 +5,13 @@ and the functions that build models and diffusions from them (upstream names).
 
 import argparse
 import inspect
-import json
-import os
 import warnings
 
 import torch as th
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
+from .model_card import read_model_card, write_model_card  # noqa: F401  (re-exported for the training code)
 from .sag import sag_defaults  # noqa: F401  (re-exported: scripts import it from here)
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -405,6 +404,31 @@ def sr_create_model(
     )
 
 
+def respaced_timesteps(steps, timestep_respacing):
+    """
+    space_timesteps() for the flags: a value that cannot be made raises a
+    ValueError that names --timestep_respacing and --diffusion_steps and
+    says what would work (upstream's text names neither).
+    """
+    text = (timestep_respacing if isinstance(timestep_respacing, str)
+            else ",".join(str(c) for c in timestep_respacing))
+    try:
+        use_timesteps = space_timesteps(steps, timestep_respacing)
+        if not use_timesteps:
+            raise ValueError("no steps at all")
+    except ValueError as e:
+        reason = str(e)
+        if reason.startswith("invalid literal for int()"):
+            reason = "not a step count"
+        raise ValueError(
+            f"--timestep_respacing {text!r} cannot be made from --diffusion_steps {steps} "
+            f"({reason}); pass a step count from 1 to {steps} (e.g. {min(250, steps)}), comma-separated "
+            "counts per equal section of the steps (e.g. 10,20,30), or ddimN for N steps "
+            "at an integer stride"
+        ) from None
+    return use_timesteps
+
+
 def create_gaussian_diffusion(
     *,
     steps=1000,
@@ -417,7 +441,20 @@ def create_gaussian_diffusion(
     rescale_learned_sigmas=False,
     timestep_respacing="",
 ):
-    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if steps < 1:
+        raise ValueError(f"--diffusion_steps must be >= 1, got {steps}")
+    try:
+        betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    except NotImplementedError:
+        raise ValueError(
+            f"--noise_schedule must be linear or cosine, got {noise_schedule!r}"
+        ) from None
+    if not ((betas > 0).all() and (betas < 1).all()):  # a beta of 1 leaves alpha_bar 0
+        raise ValueError(
+            f"--noise_schedule {noise_schedule} with --diffusion_steps {steps} gives betas "
+            f"up to {betas.max():.3g} (its last beta is 0.02 * 1000 / steps); use "
+            "--diffusion_steps 21 or more, or --noise_schedule cosine"
+        )
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
     elif rescale_learned_sigmas:
@@ -427,7 +464,7 @@ def create_gaussian_diffusion(
     if not timestep_respacing:
         timestep_respacing = [steps]
     return SpacedDiffusion(
-        use_timesteps=space_timesteps(steps, timestep_respacing),
+        use_timesteps=respaced_timesteps(steps, timestep_respacing),
         betas=betas,
         model_mean_type=(
             gd.ModelMeanType.EPSILON if not predict_xstart else gd.ModelMeanType.START_X
@@ -471,41 +508,7 @@ def str2bool(v):
 
 
 # ---------------------------------------------------------------------------
-# Beyond upstream: model cards and half precision on any device.
-
-
-def model_card_path(model_path):
-    """The flags file that may sit next to a checkpoint: ``name.pt`` -> ``name.json``."""
-    root, _ = os.path.splitext(model_path)
-    return root + ".json"
-
-
-def read_model_card(model_path):
-    """
-    The flags a checkpoint was trained with, from its model card, or {} when
-    it has none (the published checkpoints have none: pass their flags).
-    """
-    path = model_card_path(model_path)
-    if not model_path or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        card = json.load(f)
-    return dict(card.get("flags", {}))
-
-
-def flags_with_card(model_path, defaults):
-    """`defaults` (a dict of flags) with the values the model card sets for its keys."""
-    flags = dict(defaults)
-    flags.update({k: v for k, v in read_model_card(model_path).items() if k in flags})
-    return flags
-
-
-def write_model_card(model_path, flags, **extra):
-    """Write the flags a checkpoint needs next to it (atomically)."""
-    from .file_util import atomic_json
-
-    return atomic_json(model_card_path(model_path), dict(flags=flags, **extra), end="",
-                       indent=1, sort_keys=True)
+# Beyond upstream: half precision on any device (model cards: model_card.py).
 
 
 def cpu_supports_bf16():

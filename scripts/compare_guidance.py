@@ -43,13 +43,13 @@ import torch as th  # noqa: E402
 from evaluations import fashion_metrics  # noqa: E402
 from improved_diffusion.checkpoints import classifier_from_card, load_model  # noqa: E402
 from improved_diffusion.file_util import atomic_json  # noqa: E402
+from improved_diffusion.model_card import flags_with_card  # noqa: E402
 from improved_diffusion.npz_io import save_npz  # noqa: E402
 from improved_diffusion.sag import SelfAttentionGuidance, sag_defaults  # noqa: E402
 from improved_diffusion.sampling import draw_batch, make_cond_fn, to_uint8  # noqa: E402
 from improved_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,
-    flags_with_card,
 )
 
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "models", "fashion32_ema.pt")

@@ -1,4 +1,7 @@
+import contextlib
 import os
+import shutil
+import socket
 import sys
 
 import pytest
@@ -16,6 +19,52 @@ from improved_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
+
+
+# mpiexec: the venv's own first (mpich from the test extra), then PATH.
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+
+
+def on_ci():
+    """Whether the run is a CI run (CI=true, as GitHub Actions and most CIs set)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+@pytest.fixture(scope="session")
+def mpiexec():
+    """
+    The mpiexec to launch multi-rank runs with. Without one the test is
+    skipped on a developer machine, but fails under CI=true: there a missing
+    mpiexec means the install step broke, and skips would hide it.
+    """
+    if MPIEXEC is None:
+        message = (
+            "mpiexec not found (in the venv or on PATH); install the test extra: "
+            "pip install -e '.[test]' (it brings mpich)"
+        )
+        if on_ci():
+            pytest.fail(f"CI=true: {message}", pytrace=False)
+        pytest.skip(message)
+    return MPIEXEC
+
+
+# Mark a test that launches mpiexec (skip without it; fail on CI).
+needs_mpiexec = pytest.mark.usefixtures("mpiexec")
+
+
+@contextlib.contextmanager
+def reserved_port():
+    """
+    A free TCP port on 127.0.0.1 that stays reserved while the block runs:
+    the socket that found it stays bound (SO_REUSEADDR, never listening), so
+    no other process can take the port, while a server that binds it with
+    SO_REUSEADDR (torch's TCPStore does) still can. No window between
+    choosing the port and using it.
+    """
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 def tiny_flags(**overrides):

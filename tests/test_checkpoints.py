@@ -1,4 +1,5 @@
-"""Every published architecture is rebuilt name for name, shape for shape, in order."""
+"""Every published architecture is rebuilt name for name, shape for shape, dtype for
+dtype, in order (strict loading through the scripts' loader: test_published_loading.py)."""
 
 import argparse
 import json
@@ -51,7 +52,8 @@ def test_thirteen_manifests():
 @pytest.mark.parametrize("entry", _manifest_entries())
 def test_published_architecture(entry):
     model = build_from_flags(entry["flags"], entry["kind"])
-    got = [(name, list(t.shape)) for name, t in model.state_dict().items()]
-    want = [(name, shape) for name, shape, _dtype in entry["params"]]
-    assert [n for n, _ in got] == [n for n, _ in want]
+    got = [(name, list(t.shape), str(t.dtype).replace("torch.", ""))
+           for name, t in model.state_dict().items()]
+    want = [(name, shape, dtype) for name, shape, dtype in entry["params"]]
+    assert [g[0] for g in got] == [w[0] for w in want]
     assert got == want

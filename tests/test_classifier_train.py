@@ -6,7 +6,6 @@ import copy
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,6 @@ from improved_diffusion.script_util import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "classifier_train.py"
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 LAUNCH_VARS = [
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
     "PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK",
@@ -269,12 +267,11 @@ def test_script_rejects_missing_data_dir(tmp_path):
     assert proc.returncode == 2 and "--data_dir" in proc.stderr
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not available")
-def test_script_two_ranks(tmp_path):
+def test_script_two_ranks(mpiexec, tmp_path):
     data = write_image_folder(tmp_path / "data", n_per_class=4)
     run = tmp_path / "run"
     proc = subprocess.run(
-        [MPIEXEC, "-n", "2", sys.executable, str(SCRIPT), "--data_dir", str(data),
+        [mpiexec, "-n", "2", sys.executable, str(SCRIPT), "--data_dir", str(data),
          "--batch_size", "2", "--microbatch", "1", "--iterations", "2",
          "--log_interval", "1"] + TINY_CLI,
         env=_env(run), capture_output=True, text=True, timeout=120)

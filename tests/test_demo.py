@@ -75,10 +75,30 @@ def test_demo_pipeline_on_tiny_checkpoint(tmp_path, capsys):
     with np.load(npz) as z:
         assert z["arr_0"].shape == (5, 32, 32, 3) and z["arr_0"].dtype == np.uint8
         assert z["arr_1"].dtype == np.int64 and z["arr_1"].shape == (5,)
+        images, labels = z["arr_0"], z["arr_1"]
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["num_samples"] == 5 and saved["seed"] == 3
-    assert 0.0 <= saved["accuracy"] <= 1.0 and np.isfinite(saved["fid"])
     assert saved["accuracy"] == metrics["accuracy"]
+    # The scores, recomputed here from the evaluation classifier's weights and
+    # the cached reference statistics: accuracy as a count of k/5 agreeing
+    # labels, FID in float64 with the trace term from eigenvalues.
+    from evaluations import fashion_metrics as fm
+
+    clf = fm.FashionClassifier(**fm._config_from_state_dict(
+        th.load(fm.DEFAULT_CLASSIFIER, map_location="cpu", weights_only=True)))
+    clf.load_state_dict(th.load(fm.DEFAULT_CLASSIFIER, map_location="cpu", weights_only=True))
+    x = th.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+    with th.no_grad():
+        logits, feats = clf.eval()(x, return_features=True)
+    agree = int((logits.argmax(1).numpy() == labels).sum())
+    assert saved["accuracy"] == agree / 5
+    with np.load(fm.DEFAULT_REF_STATS) as ref:
+        mu2, s2 = ref["mu"].astype(np.float64), ref["sigma"].astype(np.float64)
+    f = feats.double().numpy()
+    mu1, s1 = f.mean(0), np.cov(f, rowvar=False)
+    eig = np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)
+    fid = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum()
+    assert saved["fid"] == pytest.approx(fid, rel=1e-3)
     printed = capsys.readouterr().out
     assert str(npz) in printed and "accuracy" in printed and "FID" in printed
     grids = list(out.glob("*.png"))

@@ -257,6 +257,17 @@ def test_inception_score_hand_computed():
     assert inception_score(probs, split_size=4) == pytest.approx((4.0 + 1.0) / 2, rel=1e-6)
 
 
+def test_inception_score_denormal_probability():
+    # Two rows, 3 classes. Row 0 puts the smallest float32 (1.4e-45) on class 2,
+    # whose mean over the rows underflows to 0: its term is about 1e-44, not
+    # inf. The rest: rows (1 - d, 0, d) and (0, 1, 0), means (0.5, 0.5, 0):
+    # each row has KL log 2 from the mean, so IS = 2.
+    d = np.float32(1e-45)
+    probs = np.array([[1 - d, 0, d], [0, 1, 0]], dtype=np.float32)
+    assert probs[0, 2] > 0 and np.mean(probs[:, 2]) == 0
+    assert inception_score(probs) == pytest.approx(2.0, rel=1e-6)
+
+
 def test_inception_score_matches_formula():
     rng = np.random.default_rng(4)
     logits = rng.normal(size=(30, 10)) * 2
@@ -392,7 +403,14 @@ def test_npz_batches_stream_in_order(tmp_path, compressed):
 # CLI
 
 
-def test_cli_end_to_end_same_batch_gives_zero(tmp_path, weights_path, model, images, activations):
+def test_cli_end_to_end_same_batch_gives_zero(tmp_path, model, images, activations):
+    # The module's random weights with a classifier layer 100 times larger:
+    # the same pool features (FID, sFID, precision, recall), but predictions
+    # peaked enough for the Inception Score to be well above 1.
+    state = random_state_dict()
+    state["fc.weight"] = state["fc.weight"] * 100
+    weights_path = str(tmp_path / "pt_inception-peaked.pth")
+    torch.save(state, weights_path)
     # Reference with stored statistics (the published format), samples without.
     (mu, sigma), (mu_s, sigma_s) = (ev.compute_statistics(a) for a in activations)
     ref = tmp_path / "ref.npz"
@@ -415,10 +433,19 @@ def test_cli_end_to_end_same_batch_gives_zero(tmp_path, weights_path, model, ima
     assert abs(float(values["FID"])) < 1e-3 * np.trace(sigma)
     assert abs(float(values["sFID"])) < 1e-3 * np.trace(sigma_s)
     assert float(values["Precision"]) == 1.0 and float(values["Recall"]) == 1.0
-    evaluator = ev.Evaluator(model, progress=False)
-    want_is = inception_score(evaluator.class_probabilities(activations[0]))
-    assert float(values["Inception Score"]) == pytest.approx(want_is, rel=1e-5)
-    assert 1.0 <= want_is < 1.1  # random classifier: nearly uniform predictions
+    # Inception Score written out here in float64 from the pool features and
+    # the fc weights that were saved (logits pool @ W^T without the bias, as
+    # the published evaluator reads them): exp(E_x KL(p(y|x) || p(y))).
+    w = state["fc.weight"].double().numpy()
+    logits = activations[0].astype(np.float64) @ w.T
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    marginal = p.mean(axis=0, keepdims=True)
+    mean_kl = float(np.mean(np.sum(p * (np.log(p) - np.log(marginal)), axis=1)))
+    assert mean_kl > 0.01, mean_kl  # IS about 1.02: not the uniform 1.0
+    got = float(values["Inception Score"])
+    assert got == pytest.approx(np.exp(mean_kl), rel=1e-5)
+    assert np.log(got) == pytest.approx(mean_kl, rel=1e-3)
 
 
 def test_activations_do_not_depend_on_batching(model, images, activations):

@@ -141,12 +141,42 @@ def _rand_images(n, seed):
     return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
 
 
+def direct_features(model, images):
+    """Penultimate features straight from the network: images / 127.5 - 1, NCHW."""
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        _, feats = model.eval()(x.contiguous(), return_features=True)
+    return feats.double().numpy()
+
+
+def independent_fid(f1, f2):
+    """
+    FID written out in float64: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2),
+    the last trace as the sum of the square roots of the eigenvalues of S1 S2
+    (real and >= 0 for covariance matrices), not through a matrix square root.
+    """
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.atleast_2d(np.cov(f1, rowvar=False)), np.atleast_2d(np.cov(f2, rowvar=False))
+    eig = np.linalg.eigvals(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)
+                 - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+def test_independent_fid_by_hand():
+    # 1-D: N(0, 1) vs N(3, 4): 9 + 1 + 4 - 2 * 2 = 10.
+    a = np.array([[-1.0], [1.0]])  # mean 0, sample variance 2
+    b = np.array([[1.0], [5.0]])  # mean 3, sample variance 8
+    assert independent_fid(a, b) == pytest.approx(9 + 2 + 8 - 2 * 4)
+    assert fm.frechet_distance([0.0], [[2.0]], [3.0], [[8.0]]) == pytest.approx(11.0)
+
+
 def test_features_shape_and_fid_self_zero():
     model = _tiny_model()
     imgs = _rand_images(64, 1)
     f = fm.features(model, imgs, batch_size=17)
     assert f.shape == (64, 16) and f.dtype == np.float64
     np.testing.assert_allclose(f, fm.features(model, imgs, batch_size=64), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f, direct_features(model, imgs), rtol=1e-5, atol=1e-6)
     assert abs(fm.feature_fid(imgs, imgs, model=model)) < 1e-4
     other = np.clip(_rand_images(64, 2).astype(int) // 4, 0, 255).astype(np.uint8)
     assert fm.feature_fid(imgs, other, model=model) > 1e-3
@@ -215,7 +245,9 @@ def test_cli_score(tmp_path):
     assert float(lines["accuracy"]) == pytest.approx(0.75)
     fid = float(lines["feature FID vs test split"])
     ref_imgs = to_rgb32(load_fashion_mnist("test", source_dir=src)[0])
-    assert fid == pytest.approx(fm.feature_fid(imgs, ref_imgs, model=model), rel=1e-4, abs=2e-6)
+    want = independent_fid(direct_features(model, imgs), direct_features(model, ref_imgs))
+    assert want > 1e-3
+    assert fid == pytest.approx(want, rel=1e-4, abs=2e-6)
     assert os.path.isfile(stats)
     # Second run uses the cache (source gone) and gives the same number.
     r2 = subprocess.run(cmd[:-2] + ["--source_dir", str(tmp_path / "gone")],

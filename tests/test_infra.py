@@ -4,12 +4,9 @@ image_datasets, resample, losses and fp16_util.  CPU only."""
 import json
 import math
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ import torch as th
 import torch.nn as nn
 from PIL import Image
 
+from conftest import reserved_port
 from improved_diffusion import dist_util, logger
 from improved_diffusion.fp16_util import (
     MixedPrecisionTrainer,
@@ -39,7 +37,6 @@ from improved_diffusion.resample import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 
 # Variables a launcher may have left in our environment; the child processes
 # and the single-process tests must not see them.
@@ -221,14 +218,13 @@ MPI_WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not available")
-def test_mpiexec_two_ranks_agree(tmp_path):
+def test_mpiexec_two_ranks_agree(mpiexec, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(MPI_WORKER)
     ckpt = tmp_path / "ckpt.pt"
     th.save({"w": th.arange(5.0) * 3}, ckpt)
     proc = subprocess.run(
-        [MPIEXEC, "-n", "2", sys.executable, str(script), str(tmp_path), str(ckpt)],
+        [mpiexec, "-n", "2", sys.executable, str(script), str(tmp_path), str(ckpt)],
         env=child_env(IMPROVED_DIFFUSION_DIST_TIMEOUT=20, CUDA_VISIBLE_DEVICES=""),
         capture_output=True, text=True, timeout=60,
     )
@@ -266,26 +262,18 @@ DEATH_WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not available")
-def test_mpiexec_dead_rank_does_not_hang(tmp_path):
+def test_mpiexec_dead_rank_does_not_hang(mpiexec, tmp_path):
     script = tmp_path / "die.py"
     script.write_text(DEATH_WORKER)
-    start = time.monotonic()
+    # A hang would run into the subprocess timeout (TimeoutExpired fails the
+    # test); no assertion on how long the launcher took to notice.
     proc = subprocess.run(
-        [MPIEXEC, "-n", "2", sys.executable, str(script), "die"],
+        [mpiexec, "-n", "2", sys.executable, str(script), "die"],
         env=child_env(IMPROVED_DIFFUSION_DIST_TIMEOUT=10, CUDA_VISIBLE_DEVICES=""),
-        capture_output=True, text=True, timeout=45,
+        capture_output=True, text=True, timeout=100,
     )
-    elapsed = time.monotonic() - start
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "finished the collective" not in proc.stdout
-    assert elapsed < 40
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_env_stuck_rank_times_out(tmp_path):
@@ -293,31 +281,31 @@ def test_torchrun_env_stuck_rank_times_out(tmp_path):
     fail after the process-group timeout rather than hang."""
     script = tmp_path / "stuck.py"
     script.write_text(DEATH_WORKER)
-    common = dict(
-        WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(),
-        IMPROVED_DIFFUSION_DIST_TIMEOUT=5, CUDA_VISIBLE_DEVICES="",
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), "hang"],
-            env=child_env(RANK=r, LOCAL_RANK=r, **common),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    with reserved_port() as port:  # held until the store has bound it
+        common = dict(
+            WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+            IMPROVED_DIFFUSION_DIST_TIMEOUT=5, CUDA_VISIBLE_DEVICES="",
         )
-        for r in (0, 1)
-    ]
-    start = time.monotonic()
-    try:
-        out, err = procs[0].communicate(timeout=45)
-        elapsed = time.monotonic() - start
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), "hang"],
+                env=child_env(RANK=r, LOCAL_RANK=r, **common),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for r in (0, 1)
+        ]
+        try:
+            # Rank 1 sleeps 120 s before it joins: rank 0 returning within
+            # 90 s means it gave up on its own (the error says why).
+            out, err = procs[0].communicate(timeout=90)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.communicate()
     assert procs[0].returncode != 0, out + err
     assert "finished the collective" not in out
     assert "Timed out" in err or "timeout" in err.lower(), err[-2000:]
-    assert elapsed < 40
 
 
 # ---------------------------------------------------------------------------

@@ -6,26 +6,26 @@ Tiny random checkpoints are made in tmp dirs (tests/conftest.py tiny_flags).
 """
 
 import glob
+import hashlib
 import importlib.util
 import json
 import os
 import resource
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
 import torch as th
 
-from conftest import ROOT, tiny_model
+from conftest import MPIEXEC, ROOT, needs_mpiexec, reserved_port, tiny_model
+from improved_diffusion.shards import read_shard_flags
 
-MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-HAVE_MPI = os.path.exists(MPIEXEC)
-needs_mpi = pytest.mark.skipif(not HAVE_MPI, reason="mpiexec not in the venv")
+needs_mpi = needs_mpiexec  # skip without mpiexec; fail under CI=true
 
 TINY = (
     "--image_size 16 --num_channels 32 --channel_mult 1,1 --num_res_blocks 1 "
@@ -46,11 +46,8 @@ def run_script(script, flags, logdir, ranks=None, timeout=240, preexec_fn=None, 
     cmd = [sys.executable, os.path.join(ROOT, "scripts", script)] + shlex.split(flags)
     if ranks:
         cmd = [MPIEXEC, "-n", str(ranks)] + cmd
-    start = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env_for(logdir, **env),
-                         timeout=timeout, preexec_fn=preexec_fn)
-    res.seconds = time.monotonic() - start
-    return res
+    return subprocess.run(cmd, capture_output=True, text=True, env=env_for(logdir, **env),
+                          timeout=timeout, preexec_fn=preexec_fn)
 
 
 def npz_files(logdir):
@@ -193,7 +190,7 @@ def run_until_shards_then_kill(script, flags, logdir, ranks, shards, timeout=240
 
 
 @needs_mpi
-def test_mpi_killed_run_resumes_to_same_npz_faster(ckpts, mpi_full, tmp_path):
+def test_mpi_killed_run_resumes_to_same_npz(ckpts, mpi_full, tmp_path):
     flags = f"{RUN_FLAGS} --model_path {ckpts['cond']} --batch_size 2"
     out = tmp_path / "crash"
     # The job is SIGKILLed from outside once the ranks have written 6 of the 8 shards.
@@ -203,6 +200,25 @@ def test_mpi_killed_run_resumes_to_same_npz_faster(ckpts, mpi_full, tmp_path):
     shards = sorted(os.listdir(out / "shards"))
     assert sum(s.startswith("shard_") for s in shards) >= 6
     assert not [s for s in shards if s.endswith(".npz") and not s.startswith("shard_")]
+    # What the sampler wrote: plain zips of .npy members, loadable without
+    # pickle; the positions they hold, labels and the run's flags.
+    for name in (s for s in shards if s.startswith("shard_")):
+        path = out / "shards" / name
+        with zipfile.ZipFile(path) as z:
+            assert sorted(z.namelist()) == ["flags.npy", "images.npy", "labels.npy",
+                                            "positions.npy"]
+        with np.load(path, allow_pickle=False) as shard:
+            positions = shard["positions"]
+            assert positions.dtype == np.int64 and len(positions) in (1, 2)
+            assert positions.tolist() == list(range(positions[0], positions[0] + len(positions)))
+            assert shard["images"].shape == (len(positions), 16, 16, 3)
+            assert shard["images"].dtype == np.uint8
+            assert shard["labels"].shape == (len(positions),)
+        recorded = read_shard_flags(str(path))
+        assert recorded["script"] == "image_sample"
+        assert recorded["seed"] == 3 and recorded["num_classes"] == 10
+        with open(ckpts["cond"], "rb") as f:
+            assert recorded["model_path sha256"] == hashlib.sha256(f.read()).hexdigest()
 
     resumed = run_script("image_sample.py", flags, out, ranks=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -217,7 +233,10 @@ def test_mpi_killed_run_resumes_to_same_npz_faster(ckpts, mpi_full, tmp_path):
     config = json.load(open(out / "config.json"))
     assert config["session"]["positions_sampled"] == 15 - resumed_from
     assert not os.path.exists(out / "shards")
-    assert resumed.seconds < mpi_full[1].seconds, (resumed.seconds, mpi_full[1].seconds)
+    # The resume sampled only what was missing: counted from the run's own
+    # record (config.json above) and log, not timed.
+    full_config = json.load(open(os.path.join(mpi_full[0], "config.json")))
+    assert full_config["session"]["positions_sampled"] == 15
 
     # Run again: the result is there; nothing is sampled.
     again = run_script("image_sample.py", flags, out, ranks=2)
@@ -237,12 +256,6 @@ def test_mpi_bad_input_one_line_all_ranks_exit(ckpts, tmp_path):
     assert not out.exists()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_dead_rank_stops_the_others(ckpts, tmp_path):
     """torchrun-style launch, no launcher to clean up: rank 1 is SIGKILLed
     while sampling; rank 0 notices the missing progress reports and exits."""
@@ -250,30 +263,29 @@ def test_dead_rank_stops_the_others(ckpts, tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "image_sample.py")] + shlex.split(
         f"{TINY} --timestep_respacing 50 --model_path {ckpts['uncond']} --num_samples 8 --batch_size 1"
     )
-    common = dict(WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(),
-                  IMPROVED_DIFFUSION_DIST_TIMEOUT=10)
-    procs = [subprocess.Popen(cmd, env=env_for(out, RANK=r, LOCAL_RANK=r, **common),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if glob.glob(str(out / "shards" / "alive_*_1.json")):
-                break
-            assert procs[0].poll() is None and procs[1].poll() is None
-            time.sleep(0.1)
-        procs[1].send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        _, err = procs[0].communicate(timeout=60)
-        waited = time.monotonic() - killed_at
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+    with reserved_port() as port:  # held until rank 0's store has bound it
+        common = dict(WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                      IMPROVED_DIFFUSION_DIST_TIMEOUT=10)
+        procs = [subprocess.Popen(cmd, env=env_for(out, RANK=r, LOCAL_RANK=r, **common),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in (0, 1)]
+        try:
+            # Wait (polling, bounded) until rank 1 reports progress, then kill it.
+            for _ in range(2400):
+                if glob.glob(str(out / "shards" / "alive_*_1.json")):
+                    break
+                assert procs[0].poll() is None and procs[1].poll() is None
+                time.sleep(0.05)
+            procs[1].send_signal(signal.SIGKILL)
+            # A hang runs into this timeout; how fast rank 0 noticed is not asserted.
+            _, err = procs[0].communicate(timeout=120)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.communicate()
     assert procs[0].returncode == 1, err[-2000:]
     assert error_lines(err) and "rank 1 stopped reporting progress" in error_lines(err)[0]
-    assert waited < 30
     assert not npz_files(out)
 
 
@@ -478,16 +490,17 @@ def test_flags_differ_from_shards(ckpts, tmp_path, capsys, monkeypatch):
 
 
 def test_disk_full_while_writing_a_shard(ckpts, tmp_path):
-    """Files may not grow past 6000 bytes (RLIMIT_FSIZE, SIGXFSZ ignored: EFBIG): a
-    shard of 8 16x16 images does not fit, the logs do."""
+    """Files may not grow past 25000 bytes (RLIMIT_FSIZE, SIGXFSZ ignored: EFBIG): a
+    shard of 64 16x16 images (49152 bytes of pixels) does not fit; the logs (config.json
+    about 2700 bytes, log.txt about 400) fit with a wide margin."""
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (25000, 25000))
 
     out = tmp_path / "out"
     res = run_script("image_sample.py",
-                     f"{TINY} --timestep_respacing 2 --model_path {ckpts['uncond']} --num_samples 8 --batch_size 8",
+                     f"{TINY} --timestep_respacing 2 --model_path {ckpts['uncond']} --num_samples 64 --batch_size 64",
                      out, preexec_fn=limit)
     assert res.returncode == 2, res.stderr[-2000:]
     (line,) = error_lines(res.stderr)

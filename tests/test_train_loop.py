@@ -5,7 +5,6 @@ mpiexec keeps the ranks in sync."""
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -27,7 +26,6 @@ from improved_diffusion.train_util import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 LAUNCH_VARS = [
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
     "PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK",
@@ -258,8 +256,7 @@ DDP_WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not available")
-def test_ddp_two_ranks_stay_in_sync(tmp_path):
+def test_ddp_two_ranks_stay_in_sync(mpiexec, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_WORKER)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
@@ -268,7 +265,7 @@ def test_ddp_two_ranks_stay_in_sync(tmp_path):
         OMP_NUM_THREADS="1", IMPROVED_DIFFUSION_DIST_TIMEOUT="30", CUDA_VISIBLE_DEVICES="",
     )
     proc = subprocess.run(
-        [MPIEXEC, "-n", "2", sys.executable, str(script), str(tmp_path), json.dumps(tiny_args())],
+        [mpiexec, "-n", "2", sys.executable, str(script), str(tmp_path), json.dumps(tiny_args())],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,0 +1,42 @@
+"""
+Model cards: the flags a checkpoint was trained with, in ``name.json``
+beside ``name.pt``. The sampling scripts take their defaults from it, so a
+checkpoint with a card samples with no flags.
+"""
+
+import json
+import os
+
+from .file_util import atomic_json
+
+
+def model_card_path(model_path):
+    """The flags file that may sit next to a checkpoint: ``name.pt`` -> ``name.json``."""
+    root, _ = os.path.splitext(model_path)
+    return root + ".json"
+
+
+def read_model_card(model_path):
+    """
+    The flags a checkpoint was trained with, from its model card, or {} when
+    it has none (the published checkpoints have none: pass their flags).
+    """
+    path = model_card_path(model_path)
+    if not model_path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        card = json.load(f)
+    return dict(card.get("flags", {}))
+
+
+def flags_with_card(model_path, defaults):
+    """`defaults` (a dict of flags) with the values the model card sets for its keys."""
+    flags = dict(defaults)
+    flags.update({k: v for k, v in read_model_card(model_path).items() if k in flags})
+    return flags
+
+
+def write_model_card(model_path, flags, **extra):
+    """Write the flags a checkpoint needs next to it (atomically)."""
+    return atomic_json(model_card_path(model_path), dict(flags=flags, **extra), end="",
+                       indent=1, sort_keys=True)
