@@ -13,7 +13,6 @@ many minutes for sampling and scoring: a quick way to follow a training run.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -23,6 +22,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from improved_diffusion.image_datasets import load_data  # noqa: E402
+from improved_diffusion.model_card import flags_with_card  # noqa: E402
 from improved_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -41,10 +41,7 @@ def main(argv=None):
         if not os.path.exists(path):
             print(f"error: {path}: not found", file=sys.stderr)
             return 2
-    with open(args.card) as f:
-        card = json.load(f)["flags"]
-    flags = model_and_diffusion_defaults()
-    flags.update({k: v for k, v in card.items() if k in flags})
+    flags = flags_with_card(args.card, model_and_diffusion_defaults())
     flags.update(timestep_respacing="", use_fp16=False)
     data = load_data(data_dir=args.data_dir, batch_size=args.n, image_size=flags["image_size"],
                      class_cond=True, deterministic=True, random_flip=False)
