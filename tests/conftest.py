@@ -100,3 +100,16 @@ def tiny_model(seed=0, **overrides):
 @pytest.fixture
 def tiny():
     return tiny_model()
+
+
+def record_applied_lrs(loop):
+    """A list that fills with the lr of each optimizer step `loop` takes (wraps loop.opt.step)."""
+    applied = []
+    step = loop.opt.step
+
+    def recording_step(*a, **k):
+        applied.append(loop.opt.param_groups[0]["lr"])
+        return step(*a, **k)
+
+    loop.opt.step = recording_step
+    return applied

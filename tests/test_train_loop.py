@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import record_applied_lrs
 import torch as th
 
 from improved_diffusion import dist_util, logger
@@ -201,14 +202,7 @@ def test_lr_anneal_and_training_test_env(tmp_path, monkeypatch):
     model, diffusion = tiny_model_and_diffusion()
     data, _ = fixed_data()
     loop = make_loop(model, diffusion, data, tmp_path, lr_anneal_steps=4, save_interval=100)
-    applied = []
-    step = loop.opt.step
-
-    def recording_step(*a, **k):  # the lr each optimizer step applies
-        applied.append(loop.opt.param_groups[0]["lr"])
-        return step(*a, **k)
-
-    loop.opt.step = recording_step
+    applied = record_applied_lrs(loop)  # the lr each optimizer step applies
     loop.run_loop()
     assert loop.step == 4
     # upstream: lr * (1 - steps_done / lr_anneal_steps), lr = 2e-3

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import record_applied_lrs
 import torch as th
 from PIL import Image
 
@@ -104,14 +105,7 @@ def test_ema_warmup_follows_the_hand_formula(fresh_logger):
 
 def test_scheduled_lr_reaches_the_optimizer(fresh_logger):
     loop = tiny_loop(lr_warmup_steps=2, lr_cosine_steps=4, lr_final=1e-4, max_steps=6)
-    seen = []
-    step = loop.opt.step
-
-    def recording_step(*a, **k):  # the lr the optimizer actually applies
-        seen.append(loop.opt.param_groups[0]["lr"])
-        return step(*a, **k)
-
-    loop.opt.step = recording_step
+    seen = record_applied_lrs(loop)  # the lr each optimizer step applies
     loop.run_loop()
     assert seen == pytest.approx(HAND_LR, rel=1e-9)
 
