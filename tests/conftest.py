@@ -1,9 +1,16 @@
 import contextlib
+import glob
+import importlib.util
 import os
+import shlex
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch as th
 
@@ -50,6 +57,7 @@ def mpiexec():
 
 # Mark a test that launches mpiexec (skip without it; fail on CI).
 needs_mpiexec = pytest.mark.usefixtures("mpiexec")
+needs_mpi = needs_mpiexec
 
 
 @contextlib.contextmanager
@@ -113,3 +121,113 @@ def record_applied_lrs(loop):
 
     loop.opt.step = recording_step
     return applied
+
+
+# ---------------------------------------------------------------------------
+# The sampling scripts run as users run them (tests/test_sampling.py, test_resume.py)
+# ---------------------------------------------------------------------------
+
+TINY = (
+    "--image_size 16 --num_channels 32 --channel_mult 1,1 --num_res_blocks 1 "
+    "--attention_resolutions 8 --num_heads 2 --learn_sigma True "
+    "--sel_attn_depth 0 --guide_scale 1.5 --blur_sigma 3"
+)
+
+
+def env_for(logdir, **extra):
+    env = dict(os.environ)
+    env.update(OPENAI_LOGDIR=str(logdir), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               IMPROVED_DIFFUSION_DIST_TIMEOUT="30", TQDM_DISABLE="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_script(script, flags, logdir, ranks=None, timeout=240, preexec_fn=None, **env):
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", script)] + shlex.split(flags)
+    if ranks:
+        cmd = [MPIEXEC, "-n", str(ranks)] + cmd
+    return subprocess.run(cmd, capture_output=True, text=True, env=env_for(logdir, **env),
+                          timeout=timeout, preexec_fn=preexec_fn)
+
+
+def npz_files(logdir):
+    return sorted(glob.glob(os.path.join(str(logdir), "*.npz")))
+
+
+def load_npz(path):
+    with np.load(path) as data:
+        return {k: data[k] for k in data.keys()}
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def run_until_shards_then_kill(script, flags, logdir, ranks, shards, timeout=240):
+    """Start the script, SIGKILL its whole process group once `shards` shards exist:
+    a crash from outside at a known point. Returns the positions the shards hold."""
+    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, os.path.join(ROOT, "scripts", script)]
+    proc = subprocess.Popen(cmd + shlex.split(flags), env=env_for(logdir), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard_dir, deadline = os.path.join(str(logdir), "shards"), time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            names = os.listdir(shard_dir) if os.path.isdir(shard_dir) else []
+            if sum(n.startswith("shard_") for n in names) >= shards:
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    held = set()
+    for name in os.listdir(shard_dir):
+        if name.startswith("shard_") and name.endswith(".npz"):
+            s, e = name[len("shard_"):-len(".npz")].split("_")[1].split("-")
+            held.update(range(int(s), int(e)))
+    return proc.returncode, held
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Tiny random checkpoints: unconditional, class-conditional (10 classes), a classifier."""
+    from improved_diffusion.script_util import create_classifier
+
+    d = tmp_path_factory.mktemp("ckpts")
+    paths = {}
+    for name, extra in [("uncond", {}), ("cond", dict(class_cond=True, num_classes=10))]:
+        model, _ = tiny_model(**extra)
+        paths[name] = str(d / f"{name}.pt")
+        th.save(model.state_dict(), paths[name])
+    # Classifiers exist for 32 px and up: a 32 px pair for classifier guidance.
+    model, _ = tiny_model(image_size=32, attention_resolutions="16", class_cond=True, num_classes=10)
+    paths["cond32"] = str(d / "cond32.pt")
+    th.save(model.state_dict(), paths["cond32"])
+    th.manual_seed(1)
+    clf = create_classifier(32, False, 32, 1, "8", True, True, "attention", num_classes=10)
+    paths["classifier"] = str(d / "classifier.pt")
+    th.save(clf.state_dict(), paths["classifier"])
+    return paths
+
+
+def load_script(name):
+    """scripts/<name>.py as a module (its main, for run_in_process)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_in_process(module, flags, logdir, capsys, monkeypatch):
+    """The script's main through run_main, in this process: (exit code, stderr)."""
+    from improved_diffusion.cli import run_main
+
+    monkeypatch.setenv("OPENAI_LOGDIR", str(logdir))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    capsys.readouterr()
+    code = 0
+    try:
+        run_main(module.main, shlex.split(flags))
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err

@@ -7,7 +7,6 @@ Tiny random checkpoints are made in tmp dirs (tests/conftest.py tiny_flags).
 
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import resource
@@ -22,45 +21,22 @@ import numpy as np
 import pytest
 import torch as th
 
-from conftest import MPIEXEC, ROOT, needs_mpiexec, reserved_port, tiny_model
-from improved_diffusion.shards import read_shard_flags
-
-needs_mpi = needs_mpiexec  # skip without mpiexec; fail under CI=true
-
-TINY = (
-    "--image_size 16 --num_channels 32 --channel_mult 1,1 --num_res_blocks 1 "
-    "--attention_resolutions 8 --num_heads 2 --learn_sigma True "
-    "--sel_attn_depth 0 --guide_scale 1.5 --blur_sigma 3"
+from conftest import (
+    ROOT,
+    TINY,
+    env_for,
+    error_lines,
+    load_npz,
+    load_script,
+    needs_mpi,
+    npz_files,
+    reserved_port,
+    run_in_process,
+    run_script,
+    run_until_shards_then_kill,
+    tiny_model,
 )
-
-
-def env_for(logdir, **extra):
-    env = dict(os.environ)
-    env.update(OPENAI_LOGDIR=str(logdir), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               IMPROVED_DIFFUSION_DIST_TIMEOUT="30", TQDM_DISABLE="1")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run_script(script, flags, logdir, ranks=None, timeout=240, preexec_fn=None, **env):
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", script)] + shlex.split(flags)
-    if ranks:
-        cmd = [MPIEXEC, "-n", str(ranks)] + cmd
-    return subprocess.run(cmd, capture_output=True, text=True, env=env_for(logdir, **env),
-                          timeout=timeout, preexec_fn=preexec_fn)
-
-
-def npz_files(logdir):
-    return sorted(glob.glob(os.path.join(str(logdir), "*.npz")))
-
-
-def load_npz(path):
-    with np.load(path) as data:
-        return {k: data[k] for k in data.keys()}
-
-
-def error_lines(stderr):
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
+from improved_diffusion.shards import read_shard_flags
 
 
 @pytest.fixture(autouse=True)
@@ -70,28 +46,6 @@ def one_thread():
     th.set_num_threads(1)
     yield
     th.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    """Tiny random checkpoints: unconditional, class-conditional (10 classes), a classifier."""
-    from improved_diffusion.script_util import create_classifier
-
-    d = tmp_path_factory.mktemp("ckpts")
-    paths = {}
-    for name, extra in [("uncond", {}), ("cond", dict(class_cond=True, num_classes=10))]:
-        model, _ = tiny_model(**extra)
-        paths[name] = str(d / f"{name}.pt")
-        th.save(model.state_dict(), paths[name])
-    # Classifiers exist for 32 px and up: a 32 px pair for classifier guidance.
-    model, _ = tiny_model(image_size=32, attention_resolutions="16", class_cond=True, num_classes=10)
-    paths["cond32"] = str(d / "cond32.pt")
-    th.save(model.state_dict(), paths["cond32"])
-    th.manual_seed(1)
-    clf = create_classifier(32, False, 32, 1, "8", True, True, "attention", num_classes=10)
-    paths["classifier"] = str(d / "classifier.pt")
-    th.save(clf.state_dict(), paths["classifier"])
-    return paths
 
 
 # ---------------------------------------------------------------------------
@@ -162,31 +116,6 @@ def test_mpi_two_ranks_same_npz_exact_count_distinct(reference, mpi_full):
     assert config["world_size"] == 2
     assert config["session"]["positions_sampled"] == 15
     assert not os.path.exists(os.path.join(out, "shards"))
-
-
-def run_until_shards_then_kill(script, flags, logdir, ranks, shards, timeout=240):
-    """Start the script, SIGKILL its whole process group once `shards` shards exist:
-    a crash from outside at a known point. Returns the positions the shards hold."""
-    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, os.path.join(ROOT, "scripts", script)]
-    proc = subprocess.Popen(cmd + shlex.split(flags), env=env_for(logdir), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shard_dir, deadline = os.path.join(str(logdir), "shards"), time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            names = os.listdir(shard_dir) if os.path.isdir(shard_dir) else []
-            if sum(n.startswith("shard_") for n in names) >= shards:
-                break
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    held = set()
-    for name in os.listdir(shard_dir):
-        if name.startswith("shard_") and name.endswith(".npz"):
-            s, e = name[len("shard_"):-len(".npz")].split("_")[1].split("-")
-            held.update(range(int(s), int(e)))
-    return proc.returncode, held
 
 
 @needs_mpi
@@ -346,31 +275,9 @@ def test_super_res_sample(tmp_path, capsys, monkeypatch):
 # ---------------------------------------------------------------------------
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-IMAGE_SAMPLE = _load_script("image_sample")
-CLASSIFIER_SAMPLE = _load_script("classifier_sample")
-SUPER_RES_SAMPLE = _load_script("super_res_sample")
-
-
-def run_in_process(module, flags, logdir, capsys, monkeypatch):
-    """The script's main through run_main, in this process: (exit code, stderr)."""
-    from improved_diffusion.cli import run_main
-
-    monkeypatch.setenv("OPENAI_LOGDIR", str(logdir))
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    capsys.readouterr()
-    code = 0
-    try:
-        run_main(module.main, shlex.split(flags))
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
+IMAGE_SAMPLE = load_script("image_sample")
+CLASSIFIER_SAMPLE = load_script("classifier_sample")
+SUPER_RES_SAMPLE = load_script("super_res_sample")
 
 
 @pytest.fixture(scope="module")
