@@ -110,6 +110,7 @@ class _Run:
     fingerprint: dict
     digest: str
     done: tuple  # position ranges already in shards
+    notes: tuple = ()  # lines for the log about what a crash left (removed files)
 
     @property
     def num_samples(self):
@@ -150,11 +151,12 @@ def sample_to_npz(args, script, image_size, has_labels, files, setup):
     try:
         _check_log_dir(log_dir, session, rank)
         found = on_rank0(_inspect, args, script, files, log_dir,
-                         npz_name(int(args.num_samples), image_size, image_size))
+                         npz_name(int(args.num_samples), image_size, image_size),
+                         _npz_members(int(args.num_samples), int(image_size), has_labels))
         run = _Run(args=args, script=script, height=int(image_size), width=int(image_size),
                    has_labels=bool(has_labels), rank=rank, world=world, log_dir=log_dir,
                    session=session, fingerprint=found["fingerprint"], digest=found["digest"],
-                   done=tuple(tuple(r) for r in found["done"]))
+                   done=tuple(tuple(r) for r in found["done"]), notes=tuple(found["notes"]))
         if found["complete"]:
             return run.npz_path if rank == 0 else None
         batches = setup(log_dir)
@@ -218,14 +220,22 @@ def _check_log_dir(log_dir, session, rank):
             pass
 
 
-def _inspect(args, script, files, log_dir, name):
-    """Rank 0: input files, fingerprint, existing result and shards."""
+def _inspect(args, script, files, log_dir, name, members):
+    """
+    Rank 0: input files, fingerprint, existing result and shards. A result
+    that is not whole (cut short by a crash or a full disk) is removed and
+    made again, as is an npz that a killed run was assembling.
+    """
     for flag, path in files.items():
         check_checkpoint_exists(path, f"--{flag}")
     fp = make_fingerprint(args, script, files)
     digest = fingerprint_digest(fp)
-    state = dict(fingerprint=fp, digest=digest, done=[], complete=False)
+    state = dict(fingerprint=fp, digest=digest, done=[], complete=False, notes=[])
     final = os.path.join(log_dir, name)
+    problem = verify_npz(final, members, read_data=False) if os.path.exists(final) else None
+    if problem is not None:
+        os.remove(final)
+        state["notes"].append(f"removed the damaged {final} ({problem}); it is made again")
     if os.path.exists(final):
         config = _read_config(log_dir)
         if config and config.get("fingerprint_digest") == digest:
@@ -236,12 +246,29 @@ def _inspect(args, script, files, log_dir, name):
                 f"{log_dir} already holds {name} made with other flags: "
                 f"{describe_difference(config['fingerprint'], fp)}; use another OPENAI_LOGDIR"
             )
-        raise UsageError(f"{log_dir} already holds {name}; move it away or use another OPENAI_LOGDIR")
-    if os.path.exists(final + ".partial"):
-        os.remove(final + ".partial")
-    state["done"] = positions_in_shards(os.path.join(log_dir, SHARD_DIR), fp, digest,
-                                        int(args.num_samples))
+        raise UsageError(
+            f"{log_dir} already holds {name}, but {CONFIG_NAME} there is missing or unreadable, "
+            f"so the flags that made it are unknown; move {name} away or use another OPENAI_LOGDIR"
+        )
+    grid = os.path.splitext(name)[0] + ".png"
+    for entry in os.listdir(log_dir):
+        # what a run killed while writing the result left: the npz being
+        # assembled, temporary files of its grid and config.json
+        if entry == name + ".partial" or (
+                entry.startswith((f".{grid}.", f".{CONFIG_NAME}.")) and entry.endswith(".tmp")):
+            os.remove(os.path.join(log_dir, entry))
+    state["done"], notes = positions_in_shards(os.path.join(log_dir, SHARD_DIR), fp, digest,
+                                               int(args.num_samples))
+    state["notes"] += notes
     return state
+
+
+def _npz_members(num_samples, image_size, has_labels):
+    """The result's members: name -> (dtype, shape), in order."""
+    members = {"arr_0": (np.uint8, (num_samples, image_size, image_size, 3))}
+    if has_labels:
+        members["arr_1"] = (np.int64, (num_samples,))
+    return members
 
 
 def _read_config(log_dir):
@@ -263,7 +290,7 @@ def _sample(run, batches):
     os.makedirs(run.shard_dir, exist_ok=True)
     todo = plan_batches(run.num_samples, int(run.args.batch_size), run.done)
     mine = rank_batches(todo, run.rank, run.world)
-    for line in batches.describe:
+    for line in run.notes + tuple(batches.describe):
         logger.log(line)
     if run.initial:
         logger.log(
@@ -330,10 +357,22 @@ def _draw_shards(run, batches, mine, heartbeat):
 
 
 def _finish(run, seconds, sampled):
-    """Stream the shards into the npz, verify it, write the extras, remove the shards."""
+    """
+    Stream the shards into the npz under a temporary name, verify it, write
+    the extras, then rename it into place and remove the shards: whatever
+    step a crash interrupts, the shards are still there and a re-run
+    assembles them again (config.json alone does not make a run complete).
+    """
     pieces = collect_shards(run.shard_dir, run.digest, run.num_samples)
-    path = _assemble(run, pieces)
-    _write_extras(run, path, seconds, sampled)
+    partial = _assemble(run, pieces)
+    try:
+        _write_extras(run, partial, seconds, sampled)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    path = run.npz_path
+    os.replace(partial, path)
     for _, _, shard in pieces:
         os.remove(shard)
     for entry in os.listdir(run.shard_dir):
@@ -348,9 +387,9 @@ def _finish(run, seconds, sampled):
 
 
 def _assemble(run, pieces):
+    """The shards' rows streamed into ``<npz>.partial`` and verified; returns its path."""
     final = run.npz_path
     partial = final + ".partial"
-    n, h, w = run.num_samples, run.height, run.width
 
     def rows(key):
         def chunks():
@@ -359,9 +398,9 @@ def _assemble(run, pieces):
                     yield shard[key][a:b]
         return chunks
 
-    members = [("arr_0", np.uint8, (n, h, w, 3), rows("images"))]
-    if run.has_labels:
-        members.append(("arr_1", np.int64, (n,), rows("labels")))
+    expected = _npz_members(run.num_samples, run.height, run.has_labels)
+    members = [(key, dtype, shape, rows("images" if key == "arr_0" else "labels"))
+               for key, (dtype, shape) in expected.items()]
     try:
         write_npz_streaming(partial, members)
     except OSError as e:
@@ -370,21 +409,22 @@ def _assemble(run, pieces):
         if e.errno in NO_SPACE:
             raise UsageError(no_space_message("the samples", final, e)) from None
         raise
-    problem = verify_npz(partial, {k: (dt, shape) for k, dt, shape, _ in members})
+    problem = verify_npz(partial, expected)
     if problem is not None:
         os.remove(partial)
         raise UsageError(
             f"the assembled {os.path.basename(final)} failed verification ({problem}); "
             f"the shards are kept in {run.shard_dir}: re-run the same command"
         )
-    os.replace(partial, final)
-    return final
+    return partial
 
 
-def _write_extras(run, path, seconds, sampled):
+def _write_extras(run, source, seconds, sampled):
+    """The grid and config.json of the npz at `source` (its temporary name)."""
+    path = run.npz_path
     grid_path = os.path.splitext(path)[0] + ".png"
     try:
-        save_grid(grid_path, np.asarray(npz_array(path, "arr_0")[:64]))
+        save_grid(grid_path, np.asarray(npz_array(source, "arr_0")[:64]))
         import resource
 
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -164,20 +164,41 @@ def read_shard_flags(path):
     try:
         with np.load(path, allow_pickle=False) as shard:
             return json.loads(shard["flags"].tobytes().decode())
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return {}
+
+
+def shard_problem(path, start, end):
+    """
+    None if the shard file holds positions start..end-1 whole (every zip
+    member read against its CRC), else what is wrong with it: what a disk
+    fault or a copy that was cut short leaves under a shard's name.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                return f"{bad} fails its CRC check"
+        with np.load(path, allow_pickle=False) as shard:
+            positions, rows = shard["positions"], len(shard["images"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        return f"{type(e).__name__}: {e}"
+    if rows != end - start or not np.array_equal(positions, np.arange(start, end)):
+        return f"it does not hold positions {start}..{end - 1}"
+    return None
 
 
 def positions_in_shards(shard_dir, fingerprint, digest, num_samples):
     """
     The merged ranges of positions below `num_samples` that shards of this
-    fingerprint hold. Removes what a killed run left (temporary files,
-    progress reports); refuses shards made with other flags (UsageError
-    naming the first flag that differs).
+    fingerprint hold, and the lines to log about damaged shards. Removes
+    what a killed run left (temporary files, progress reports) and shards
+    that are not whole (their positions are sampled again); refuses shards
+    made with other flags (UsageError naming the first flag that differs).
     """
     if not os.path.isdir(shard_dir):
-        return []
-    done = []
+        return [], []
+    done, notes = [], []
     for entry in sorted(os.listdir(shard_dir)):
         path = os.path.join(shard_dir, entry)
         if entry.endswith(".tmp") or entry.startswith("alive_"):
@@ -199,9 +220,16 @@ def positions_in_shards(shard_dir, fingerprint, digest, num_samples):
                 "same flags to resume, or use another OPENAI_LOGDIR"
             )
         s, e = int(m.group(2)), int(m.group(3))
-        if s < num_samples:
-            done.append((s, min(e, num_samples)))
-    return merge_ranges(done)
+        if s >= num_samples:
+            continue
+        problem = shard_problem(path, s, e)
+        if problem is not None:
+            os.remove(path)
+            notes.append(f"removed the damaged shard {path} ({problem}); "
+                         "its positions are sampled again")
+            continue
+        done.append((s, min(e, num_samples)))
+    return merge_ranges(done), notes
 
 
 def collect_shards(shard_dir, digest, num_samples):
