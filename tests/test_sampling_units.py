@@ -65,6 +65,9 @@ def test_npz_streaming_equals_savez_and_is_verified(tmp_path):
     assert "CRC" in verify_npz(str(tmp_path / "b.npz"), expected)
     open(tmp_path / "c.npz", "wb").write(bytes(data[: len(data) // 2]))
     assert verify_npz(str(tmp_path / "c.npz"), expected) is not None
+    # Without reading the data (the recorded sizes): the whole file passes, the cut one fails.
+    assert verify_npz(path, expected, read_data=False) is None
+    assert verify_npz(str(tmp_path / "c.npz"), expected, read_data=False) is not None
     # Wrong number of rows written: refused while writing.
     with pytest.raises(RuntimeError, match="expected"):
         write_npz_streaming(str(tmp_path / "d.npz"), [("arr_0", np.uint8, (11, 4, 4, 3), lambda: iter([images]))])
