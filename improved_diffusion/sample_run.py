@@ -46,6 +46,7 @@ import secrets
 import sys
 import tempfile
 import time
+import zipfile
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -394,8 +395,16 @@ def _assemble(run, pieces):
     def rows(key):
         def chunks():
             for a, b, path in pieces:
-                with np.load(path, allow_pickle=False) as shard:
-                    yield shard[key][a:b]
+                try:
+                    with np.load(path, allow_pickle=False) as shard:
+                        part = shard[key][a:b]
+                except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                    # damaged after the run started (checked then): a disk fault
+                    raise UsageError(
+                        f"cannot read the shard {path} ({type(e).__name__}: {e}); re-run the "
+                        "same command: damaged shards are removed and sampled again"
+                    ) from None
+                yield part
         return chunks
 
     expected = _npz_members(run.num_samples, run.height, run.has_labels)
@@ -403,10 +412,10 @@ def _assemble(run, pieces):
                for key, (dtype, shape) in expected.items()]
     try:
         write_npz_streaming(partial, members)
-    except OSError as e:
+    except BaseException as e:
         if os.path.exists(partial):
             os.remove(partial)
-        if e.errno in NO_SPACE:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
             raise UsageError(no_space_message("the samples", final, e)) from None
         raise
     problem = verify_npz(partial, expected)

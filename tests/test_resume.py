@@ -121,8 +121,8 @@ def log_text(logdir):
 
 
 def one_error(code, err):
-    """Exit 2 and exactly one line on stderr, an error line: returns it."""
-    lines = [line for line in err.splitlines() if line.strip()]
+    """Exit 2 and exactly one line on stderr (beside the progress bar), an error line: returns it."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("sampling:")]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
@@ -169,6 +169,24 @@ def test_damaged_shard_is_sampled_again(damage, killed_in_shard, uninterrupted, 
     assert_resumed_to(out, uninterrupted, code, err, sampled=4)
     assert f"removed the damaged shard {damaged} (" in log_text(out)
     assert "resuming: 2 of 6 positions" in log_text(out)
+
+
+def test_shard_damaged_while_running_stops_with_one_line(killed_in_shard, uninterrupted, flags,
+                                                        tmp_path, capsys, monkeypatch):
+    """A shard that goes bad after the start-up check (a disk fault mid-run; here the
+    check is switched off): one line, no npz, no partial; the next run resamples it."""
+    from improved_diffusion import shards
+
+    out = copy_of(killed_in_shard, tmp_path)
+    damaged = out / "shards" / f"shard_{digest_of(out)}_000000004-000000006.npz"
+    damaged.write_bytes(b"PK\x03\x04 cut short")
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "shard_problem", lambda path, start, end: None)
+        code, err = resume(flags, out, capsys, monkeypatch)
+    assert one_error(code, err).startswith(f"error: cannot read the shard {damaged} (")
+    assert not npz_files(out) and not os.path.exists(out / f"{NPZ}.partial")
+    code, err = resume(flags, out, capsys, monkeypatch)  # [2, 4) was sampled before the stop
+    assert_resumed_to(out, uninterrupted, code, err, sampled=2)
 
 
 def test_whole_shard_under_the_wrong_name_is_sampled_again(killed_in_shard, uninterrupted, flags,
