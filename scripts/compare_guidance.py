@@ -159,7 +159,7 @@ def paired_stats(npz_path, base_path, n_boot=200, seed=0):
     import numpy as np
     from scipy import stats as sstats
 
-    model = fashion_metrics.load_classifier()
+    model = fashion_metrics.load_eval_classifier()
     mu_ref, sigma_ref = fashion_metrics.reference_stats(
         model, fashion_metrics.DEFAULT_CLASSIFIER)
     out = {}
