@@ -483,7 +483,7 @@ class _QKVAttentionBase(nn.Module):
     QKV attention over a packed qkv tensor.
 
     Two backends compute the same thing: ``einsum`` (explicit weights, as
-    upstream; on CPU large maps go in cache-sized chunks, bit-identical) and
+    upstream; on CPU in cache-sized chunks, ATTENTION_CHUNK_ELEMENTS, bit-identical) and
     ``sdpa`` (torch's fused scaled_dot_product_attention, equal up to float
     rounding, no T x T map). ``backend = "auto"`` (the default, see
     default_attention_backend()) picks sdpa on the devices in
