@@ -1,7 +1,9 @@
 #!/bin/bash
 # Every CPU run behind benchmarks/RESULTS.md, each writing the files that
-# RESULTS.md quotes (NAME.json, NAME.md, NAME.log in OUT_DIR), then one
-# merged table (tables.md):
+# RESULTS.md quotes into OUT_DIR: NAME.json, NAME.md and NAME.log for the
+# benchmark_sampling.py runs, published_half_imagenet128_killed.log,
+# half_precision_error.json/.md, training_fashion32.json, then one merged
+# table (tables.md):
 #   bash benchmarks/run_cpu_benchmarks.sh [OUT_DIR]      (default benchmarks/results)
 # The runs interleave this fork and the published code (rebuilt in
 # benchmarks/published_reference.py) on random weights. The published
@@ -13,6 +15,8 @@
 # Pin it with taskset to keep other work off its cores:
 #   taskset -c 1 bash benchmarks/run_cpu_benchmarks.sh
 # ONLY=name1,name2 runs only those runs (names as the output files).
+# training_fashion32 times training with 1 and 2 threads: give it the whole
+# machine (ONLY=training_fashion32, no taskset).
 set -e
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
@@ -23,10 +27,14 @@ export OMP_NUM_THREADS=$THREADS
 mkdir -p "$OUT"
 PUBLISHED_HALF=published/half/plain,published/half/sag,published/half/sag_cg
 
+selected() {  # selected NAME: whether this invocation runs NAME (see ONLY)
+  [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]
+}
+
 run() {  # run NAME FLAGS...: one benchmark_sampling.py run into OUT/NAME.{json,md,log}
   local name=$1
   shift
-  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 0; fi
+  selected "$name" || return 0
   echo "$name"
   $PY benchmarks/benchmark_sampling.py --threads "$THREADS" "$@" \
     --json "$OUT/$name.json" --markdown "$OUT/$name.md" > "$OUT/$name.log" 2>&1
@@ -49,17 +57,22 @@ run imagenet256_fp32_sag --archs imagenet256 --precisions fp32 --impls ours,publ
 # The published --use_fp16 path: single runs at 32x32; at 128x128 stopped after 14 minutes.
 run published_half_fashion32 --archs fashion32 --impls published --precisions half --modes plain,sag \
   --repeats 0 --slow_s 0
-if [ -z "$ONLY" ] || [[ ",$ONLY," == *",published_half_imagenet128_killed,"* ]]; then
+if selected published_half_imagenet128_killed; then
   echo published_half_imagenet128_killed
   timeout 840 $PY benchmarks/benchmark_sampling.py --threads "$THREADS" --archs imagenet128 \
     --impls published --precisions half --modes plain --repeats 0 --slow_s 0 \
     > "$OUT/published_half_imagenet128_killed.log" 2>&1 || true
 fi
 # Half precision vs float32 samples on the golden checkpoints.
-if [ -z "$ONLY" ] || [[ ",$ONLY," == *",half_precision_error,"* ]]; then
+if selected half_precision_error; then
   echo half_precision_error
   $PY benchmarks/half_precision_error.py --threads 2 --precisions half,autocast \
     --json "$OUT/half_precision_error.json" --markdown "$OUT/half_precision_error.md"
+fi
+# Training speed of the default model's preset (its own threads per variant).
+if selected training_fashion32; then
+  echo training_fashion32
+  $PY benchmarks/benchmark_training.py --steps 40 --json "$OUT/training_fashion32.json"
 fi
 
 tables=""
@@ -67,5 +80,7 @@ for name in fashion32 imagenet128 fashion32_bf16 imagenet128_bf16 imagenet256_fp
     imagenet256_fp32_sag published_half_fashion32; do
   [ -f "$OUT/$name.json" ] && tables="$tables${tables:+,}$OUT/$name.json"
 done
-$PY benchmarks/benchmark_sampling.py --from_json "$tables" --markdown "$OUT/tables.md" > /dev/null
-echo "tables: $OUT/tables.md"
+if [ -n "$tables" ]; then
+  $PY benchmarks/benchmark_sampling.py --from_json "$tables" --markdown "$OUT/tables.md" > /dev/null
+  echo "tables: $OUT/tables.md"
+fi

@@ -92,8 +92,12 @@ def _config_from_state_dict(sd):
     return dict(channels=tuple(channels), feat_dim=sd["fc1.weight"].shape[0])
 
 
-def load_classifier(path=DEFAULT_CLASSIFIER, device="cpu"):
-    """Load a FashionClassifier state_dict (weights_only) and return it in eval mode."""
+def load_eval_classifier(path=DEFAULT_CLASSIFIER, device="cpu"):
+    """
+    The Fashion-MNIST evaluation classifier (a FashionClassifier state_dict,
+    loaded weights_only), in eval mode. Not the noisy classifier of
+    classifier guidance (improved_diffusion.checkpoints.classifier_from_card).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             "classifier weights %s not found; run `python evaluations/fashion_metrics.py train`"
@@ -174,7 +178,7 @@ def feature_fid(sample_images, ref_images, model=None, classifier_path=DEFAULT_C
     (mu, sigma) pair.  model defaults to the classifier at classifier_path.
     """
     if model is None:
-        model = load_classifier(classifier_path)
+        model = load_eval_classifier(classifier_path)
     mu1, s1 = feature_stats(features(model, sample_images))
     if isinstance(ref_images, (tuple, list)) and len(ref_images) == 2:
         mu2, s2 = ref_images
@@ -223,7 +227,7 @@ def score(
     source_dir=DEFAULT_SOURCE_DIR,
 ):
     """Return dict(n, accuracy (None without labels), fid, colour_cast)."""
-    model = load_classifier(classifier_path)
+    model = load_eval_classifier(classifier_path)
     with np.load(samples_path) as z:
         images = z["arr_0"]
         labels = z["arr_1"] if "arr_1" in z else None
@@ -243,7 +247,7 @@ def real_image_reference(sizes, classifier_path=DEFAULT_CLASSIFIER, ref_stats_pa
     (unseen by the FID reference, the test split) with their true labels.
     FID grows as n shrinks, so samples are compared with the row of their n.
     """
-    model = load_classifier(classifier_path)
+    model = load_eval_classifier(classifier_path)
     images, labels = load_fashion_mnist("train", source_dir=source_dir)
     images = to_rgb32(images)
     mu, sigma = reference_stats(model, classifier_path, "test", ref_stats_path, source_dir)

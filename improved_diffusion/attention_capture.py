@@ -26,7 +26,7 @@ cast to float32, as the published SAG code computes its map.
 import torch as th
 
 from . import sag_ops
-from .unet import AttentionBlock, iter_attention_weights
+from .unet import AttentionBlock, attention_chunk_elements, iter_attention_weights
 
 KEEP_CHOICES = ("weights", "key_mass")
 
@@ -88,7 +88,7 @@ class AttentionCapture:
             (qkv,) = inputs
             with th.no_grad():
                 for start, weight, _ in iter_attention_weights(
-                    qkv, self.num_heads, self.legacy, module.chunk_elements_for(qkv, observed=True)
+                    qkv, self.num_heads, self.legacy, attention_chunk_elements(qkv, observed=True)
                 ):
                     self._take(module, start, weight)
         parts, self._parts = self._parts, []

@@ -119,17 +119,25 @@ class SelfAttentionGuidance:
 
     @classmethod
     def from_args(cls, model, args):
-        """Build from parsed script flags (sag_defaults() plus num_heads)."""
-        return cls(
-            model,
-            scale=args.guide_scale,
-            start=args.guide_start,
-            block=args.sel_attn_block,
-            depth=args.sel_attn_depth,
-            blur_sigma=args.blur_sigma,
-            num_heads=getattr(args, "num_heads", None),
-            true_attention=getattr(args, "sag_true_attention", False),
-        )
+        """
+        Build from parsed script flags (sag_defaults() plus num_heads); a bad
+        flag raises :class:`improved_diffusion.cli.UsageError` naming it.
+        """
+        from .cli import UsageError  # cli imports script_util, which imports this module
+
+        try:
+            return cls(
+                model,
+                scale=args.guide_scale,
+                start=args.guide_start,
+                block=args.sel_attn_block,
+                depth=args.sel_attn_depth,
+                blur_sigma=args.blur_sigma,
+                num_heads=getattr(args, "num_heads", None),
+                true_attention=getattr(args, "sag_true_attention", False),
+            )
+        except SAGConfigError as e:
+            raise UsageError(str(e)) from None
 
     def applies(self, t):
         """Whether the step at respaced index t (a batch tensor or int) is guided."""

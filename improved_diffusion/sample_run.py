@@ -287,10 +287,53 @@ def _read_config(log_dir):
 
 
 def _sample(run, batches):
-    logger.configure(dir=run.log_dir)
+    """
+    Draw this rank's batches into shards; rank 0 then assembles the npz.
+    The run logs into its own log directory (log.txt, progress.csv,
+    log-rank*.txt); the caller's logger is back when it returns.
+    """
     os.makedirs(run.shard_dir, exist_ok=True)
     todo = plan_batches(run.num_samples, int(run.args.batch_size), run.done)
     mine = rank_batches(todo, run.rank, run.world)
+    callback = batches.step_callback if run.rank == 0 else None
+    expected_hw = (run.height, run.width, 3)
+    with logger.scoped_configure(dir=run.log_dir):
+        heartbeat, bar = _start_progress(run, batches, len(todo))
+        try:
+            start = time.monotonic()
+            for n, (s, e) in enumerate(mine):
+                positions = list(range(s, e))
+                images, labels = batches.draw(positions, callback if n == 0 else None)
+                images = np.asarray(images)
+                if images.shape != (e - s,) + expected_hw or images.dtype != np.uint8:
+                    raise RuntimeError(f"draw returned {images.dtype} {images.shape}, "
+                                       f"expected uint8 {(e - s,) + expected_hw}")
+                write_shard(run.shard_dir, run.fingerprint, run.digest, s, e, images,
+                            labels if run.has_labels else None)
+                heartbeat.done += e - s
+                if run.rank == 0:
+                    logger.log(f"sampled positions {s}..{e - 1}")
+                if n == 0 and callback is not None and hasattr(callback, "batch_done"):
+                    logger.log(callback.batch_done(images))
+            seconds = time.monotonic() - start
+            heartbeat.finished = True
+            heartbeat.poke()  # its thread reports it
+            if run.rank != 0:
+                return None
+            while not heartbeat.all_finished.wait(0.2):
+                pass
+            heartbeat.stop()
+            bar.update(run.num_samples - bar.n)
+            bar.close()
+            return _finish(run, seconds, heartbeat.done)
+        finally:
+            heartbeat.stop()
+            if bar is not None:
+                bar.close()
+
+
+def _start_progress(run, batches, num_batches):
+    """Log what is sampled; start the heartbeat (and, on rank 0, the progress bar)."""
     for line in run.notes + tuple(batches.describe):
         logger.log(line)
     if run.initial:
@@ -299,7 +342,7 @@ def _sample(run, batches):
             f"shards; sampling the other {run.num_samples - run.initial}"
         )
     logger.log(
-        f"sampling {run.num_samples} samples ({len(todo)} batches of up to "
+        f"sampling {run.num_samples} samples ({num_batches} batches of up to "
         f"{int(run.args.batch_size)}) on {run.world} rank(s) into {run.log_dir}"
     )
     bar = None
@@ -312,44 +355,7 @@ def _sample(run, batches):
     heartbeat = Heartbeat(run.shard_dir, run.session, run.rank, run.world, run.initial,
                           interval=min(2.0, stale_after / 5), stale_after=stale_after, bar=bar)
     heartbeat.start()
-    try:
-        seconds = _draw_shards(run, batches, mine, heartbeat)
-        heartbeat.finished = True
-        heartbeat.poke()  # its thread reports it
-        if run.rank != 0:
-            return None
-        while not heartbeat.all_finished.wait(0.2):
-            pass
-        heartbeat.stop()
-        bar.update(run.num_samples - bar.n)
-        bar.close()
-        return _finish(run, seconds, heartbeat.done)
-    finally:
-        heartbeat.stop()
-        if bar is not None:
-            bar.close()
-
-
-def _draw_shards(run, batches, mine, heartbeat):
-    """Draw and write this rank's batches; returns the seconds it took."""
-    callback = batches.step_callback if run.rank == 0 else None
-    expected_hw = (run.height, run.width, 3)
-    start = time.monotonic()
-    for n, (s, e) in enumerate(mine):
-        positions = list(range(s, e))
-        images, labels = batches.draw(positions, callback if n == 0 else None)
-        images = np.asarray(images)
-        if images.shape != (e - s,) + expected_hw or images.dtype != np.uint8:
-            raise RuntimeError(f"draw returned {images.dtype} {images.shape}, "
-                               f"expected uint8 {(e - s,) + expected_hw}")
-        write_shard(run.shard_dir, run.fingerprint, run.digest, s, e, images,
-                    labels if run.has_labels else None)
-        heartbeat.done += e - s
-        if run.rank == 0:
-            logger.log(f"sampled positions {s}..{e - 1}")
-        if n == 0 and callback is not None and hasattr(callback, "batch_done"):
-            logger.log(callback.batch_done(images))
-    return time.monotonic() - start
+    return heartbeat, bar
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """
-Drawing one seeded batch of samples (:func:`draw_batch`, and
-:class:`BatchDrawer`, what a script hands the run), and what the sampling
-scripts build around it: the SAG object from the flags, classifier guidance,
-the SAG pictures as a per-step callback, the uint8 cast, the log lines.
+Drawing one seeded batch of samples (:class:`BatchDrawer`, what a script
+hands the run), and what the sampling scripts build around it: classifier
+guidance, the SAG pictures as a per-step callback, the uint8 cast, the log
+lines.
 
 The seed contract (docs/sag.md): the sample at position p of a run depends
 on ``seed + p`` alone, whatever the batch size and number of ranks.
@@ -15,90 +15,42 @@ from typing import Any, Callable, Optional, Tuple
 import torch as th
 import torch.nn.functional as F
 
-from .checkpoints import model_from_args
-from .cli import NonFiniteSamplesError, UsageError, agree
+from .cli import NonFiniteSamplesError
 from .image_grid import AttentionMaskRecorder
 from .random_util import BatchGenerator
-from .sag import SelfAttentionGuidance
 
 
 def sampler_settings(args):
-    """The flags :func:`draw_batch` reads, as keyword arguments."""
+    """The flags a :class:`BatchDrawer` reads, as its `settings`."""
     return dict(seed=args.seed, use_ddim=args.use_ddim, eta=args.eta,
                 clip_denoised=args.clip_denoised)
-
-
-def draw_batch(
-    diffusion,
-    model_fn,
-    positions,
-    image_shape,
-    device,
-    *,
-    seed,
-    use_ddim=False,
-    eta=0.0,
-    clip_denoised=True,
-    draw_labels=False,
-    num_classes=1000,
-    cond_fn=None,
-    sag=None,
-    model_kwargs=None,
-    progress=False,
-    step_callback=None,
-):
-    """
-    Sample the images at `positions` of the run (seed contract).
-
-    Each position p gets a CPU generator seeded ``seed + p``; it draws its
-    label first (when `draw_labels`), then x_T, then every step's noise.
-
-    :param use_ddim: DDIM steps (with `eta`) instead of ancestral ones.
-    :param step_callback: if given, called as ``step_callback(index, out)``
-        after every step with the respaced index and the step's output dict
-        (which holds 'sag_mask' and 'sag_degraded_xstart' on guided steps).
-    :return: (float samples [N x C x H x W] in about [-1, 1], labels or None).
-    """
-    gen = BatchGenerator([seed + p for p in positions])
-    model_kwargs = dict(model_kwargs or {})
-    labels = None
-    if draw_labels:
-        labels = gen.randint(num_classes, device=device)
-        model_kwargs["y"] = labels
-    loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
-    extra = {"eta": eta} if use_ddim else {}
-    final = None
-    index = diffusion.num_timesteps
-    for out in loop(
-        model_fn,
-        (len(positions), *image_shape),
-        clip_denoised=clip_denoised,
-        model_kwargs=model_kwargs,
-        cond_fn=cond_fn,
-        device=device,
-        progress=progress,
-        sag=sag,
-        generator=gen,
-        **extra,
-    ):
-        index -= 1
-        if step_callback is not None:
-            step_callback(index, out)
-        final = out
-    return final["sample"], labels
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchDrawer:
     """
     ``drawer(positions, step_callback=None)`` -> (uint8 NHWC images, int64
-    labels or None): :func:`draw_batch` then :func:`to_uint8`, with what a
-    sampling script fixed once (the run calls it for every batch).
+    labels or None): the samples at `positions` of the run (seed contract),
+    with what a sampling script fixed once (the run calls it for every batch).
 
-    :param settings: seed, use_ddim, eta, clip_denoised (:func:`sampler_settings`).
+    Each position p gets a CPU generator seeded ``seed + p``; it draws its
+    label first (when `draw_labels`), then x_T, then every step's noise.
+
+    :param model_fn: the model (or a function of x, t and model kwargs).
+    :param image_shape: (C, H, W) of one sample.
+    :param settings: seed, use_ddim (DDIM steps with eta instead of
+        ancestral ones), eta, clip_denoised: :func:`sampler_settings`.
+    :param sag: None or the :class:`~improved_diffusion.sag.SelfAttentionGuidance`
+        every step uses.
+    :param cond_fn: None or a classifier-guidance gradient (:func:`make_cond_fn`).
+    :param draw_labels: draw a label in 0..num_classes-1 per position (model kwarg ``y``).
     :param batch_inputs: optional ``batch_inputs(positions)`` -> (model_kwargs,
         labels or None) for inputs that come with the positions (the low-
         resolution images of super-resolution and their labels).
+
+    ``step_callback``, if given, is called as ``step_callback(index, out)``
+    after every step with the respaced index and the step's output dict
+    (which holds 'sag_mask' and 'sag_degraded_xstart' on guided steps).
     """
 
     diffusion: Any
@@ -116,15 +68,33 @@ class BatchDrawer:
         model_kwargs, labels = {}, None
         if self.batch_inputs is not None:
             model_kwargs, labels = self.batch_inputs(positions)
-        sample, drawn = draw_batch(
-            self.diffusion, self.model_fn, positions, self.image_shape, self.device,
-            **self.settings, draw_labels=self.draw_labels, num_classes=self.num_classes,
-            cond_fn=self.cond_fn, sag=self.sag, model_kwargs=model_kwargs,
-            step_callback=step_callback,
-        )
-        if drawn is not None:
+        model_kwargs = dict(model_kwargs)
+        gen = BatchGenerator([self.settings["seed"] + p for p in positions])
+        if self.draw_labels:
+            drawn = gen.randint(self.num_classes, device=self.device)
+            model_kwargs["y"] = drawn
             labels = drawn.cpu().numpy()
-        return to_uint8(sample, positions), labels
+        if self.settings["use_ddim"]:
+            loop = self.diffusion.ddim_sample_loop_progressive
+            extra = {"eta": self.settings["eta"]}
+        else:
+            loop, extra = self.diffusion.p_sample_loop_progressive, {}
+        index = self.diffusion.num_timesteps
+        for out in loop(
+            self.model_fn,
+            (len(positions), *self.image_shape),
+            clip_denoised=self.settings["clip_denoised"],
+            model_kwargs=model_kwargs,
+            cond_fn=self.cond_fn,
+            device=self.device,
+            sag=self.sag,
+            generator=gen,
+            **extra,
+        ):
+            index -= 1
+            if step_callback is not None:
+                step_callback(index, out)
+        return to_uint8(out["sample"], positions), labels
 
 
 def to_uint8(sample, positions=None):
@@ -146,24 +116,6 @@ def to_uint8(sample, positions=None):
         )
     sample = ((sample + 1) * 127.5).clamp(0, 255).to(th.uint8)
     return sample.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def make_sag(model, args):
-    """The SelfAttentionGuidance for the parsed flags (raises UsageError)."""
-    try:
-        return SelfAttentionGuidance.from_args(model, args)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def model_and_sag_from_args(args, super_res=False):
-    """
-    (model, diffusion, sag) for the parsed flags, on every rank together
-    (a bad checkpoint or SAG flag stops every rank with one line).
-    """
-    model, diffusion = agree(model_from_args, args, super_res=super_res)
-    sag = agree(make_sag, model, args)
-    return model, diffusion, sag
 
 
 def make_cond_fn(classifier, scale):

@@ -33,15 +33,14 @@ from .nn import (
 ATTENTION_BACKENDS = ("auto", "sdpa", "einsum")
 ATTENTION_BACKEND_ENV = "IMPROVED_DIFFUSION_ATTENTION"
 
-# The explicit (einsum) attention path on CPU computes large maps in chunks
-# of whole heads, about EINSUM_CHUNK_ELEMENTS weights each, so that a chunk's
-# T x T weights stay in cache (timings: benchmarks/RESULTS.md), bit-identical
-# (each head's products and softmax are computed alone anyway).
-# Maps of at most EINSUM_CHUNK_MIN_ELEMENTS weights are done in one product.
-EINSUM_CHUNK_ELEMENTS = 1 << 18
-EINSUM_CHUNK_MIN_ELEMENTS = 1 << 22
-# Most float32 weights materialised at once when a layer's weights are
-# observed (SAG capture), on any device: 256 MiB.
+# The explicit (einsum) attention path computes its T x T weights in chunks of
+# whole heads (whole samples when a capture observes them), bit-identical to
+# one product (each head's products and softmax are computed alone anyway).
+# On CPU a chunk holds about ATTENTION_CHUNK_ELEMENTS weights, so that it stays
+# in cache (timings: benchmarks/RESULTS.md). On other devices a map is one
+# product, except that an observed map (float32) is cut at
+# OBSERVED_CHUNK_ELEMENTS weights (256 MiB).
+ATTENTION_CHUNK_ELEMENTS = 1 << 18
 OBSERVED_CHUNK_ELEMENTS = 1 << 26
 
 
@@ -86,6 +85,18 @@ def _softmax_weights(q, k, out_dtype):
     return th.softmax(weight, dim=-1, dtype=th.float32).type(out_dtype)
 
 
+def attention_chunk_elements(qkv, observed=False):
+    """
+    Weights per chunk of the explicit attention path for `qkv`:
+    ATTENTION_CHUNK_ELEMENTS on CPU; elsewhere None (one product), or
+    OBSERVED_CHUNK_ELEMENTS when the weights are `observed` (a capture
+    materialises them in float32).
+    """
+    if qkv.device.type == "cpu":
+        return ATTENTION_CHUNK_ELEMENTS
+    return OBSERVED_CHUNK_ELEMENTS if observed else None
+
+
 def _row_step(rows, heads, length, chunk_elements):
     """Rows (multiples of `heads`) per chunk for a budget of map elements."""
     if not chunk_elements:
@@ -119,7 +130,7 @@ def einsum_attention(qkv, n_heads, legacy=True, chunk_elements=None):
     then their product with the values), as upstream computes it.
 
     :param chunk_elements: if set, compute the heads in chunks of about this
-        many weights (same result, bit for bit; see EINSUM_CHUNK_ELEMENTS).
+        many weights (same result, bit for bit; see ATTENTION_CHUNK_ELEMENTS).
     :return: an [N x (H * C) x T] tensor.
     """
     bs, _, length = qkv.shape
@@ -472,7 +483,7 @@ class _QKVAttentionBase(nn.Module):
     QKV attention over a packed qkv tensor.
 
     Two backends compute the same thing: ``einsum`` (explicit weights, as
-    upstream; on CPU large maps go in cache-sized chunks, bit-identical) and
+    upstream; on CPU in cache-sized chunks, ATTENTION_CHUNK_ELEMENTS, bit-identical) and
     ``sdpa`` (torch's fused scaled_dot_product_attention, equal up to float
     rounding, no T x T map). ``backend = "auto"`` (the default, see
     default_attention_backend()) picks sdpa on the devices in
@@ -493,7 +504,6 @@ class _QKVAttentionBase(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.backend = default_attention_backend()
-        self.chunk_elements = None  # None: automatic (see chunk_elements_for())
         self._weights_hooks = OrderedDict()
 
     def register_weights_hook(self, hook):
@@ -521,20 +531,6 @@ class _QKVAttentionBase(nn.Module):
             raise ValueError(f"unknown attention backend {self.backend!r}")
         return qkv.device.type in self.AUTO_SDPA_DEVICES
 
-    def chunk_elements_for(self, qkv, observed=False):
-        """
-        Weights per chunk of the explicit path for `qkv`: the layer's
-        `chunk_elements` when set; else cache-sized chunks for large maps on
-        CPU; else one product (None), or at most OBSERVED_CHUNK_ELEMENTS when
-        the weights are `observed` (materialised for a capture).
-        """
-        if self.chunk_elements is not None:
-            return self.chunk_elements
-        bs, _, length = qkv.shape
-        if qkv.device.type == "cpu" and bs * self.n_heads * length * length > EINSUM_CHUNK_MIN_ELEMENTS:
-            return EINSUM_CHUNK_ELEMENTS
-        return OBSERVED_CHUNK_ELEMENTS if observed else None
-
     def forward(self, qkv):
         """
         Apply QKV attention.
@@ -547,14 +543,14 @@ class _QKVAttentionBase(nn.Module):
         if self.uses_sdpa(qkv):
             return sdpa_attention(qkv, self.n_heads, legacy=self.legacy)
         return einsum_attention(
-            qkv, self.n_heads, legacy=self.legacy, chunk_elements=self.chunk_elements_for(qkv)
+            qkv, self.n_heads, legacy=self.legacy, chunk_elements=attention_chunk_elements(qkv)
         )
 
     def _observed_forward(self, qkv):
         bs, _, length = qkv.shape
         parts = []
         for start, weight, v in iter_attention_weights(
-            qkv, self.n_heads, self.legacy, self.chunk_elements_for(qkv, observed=True)
+            qkv, self.n_heads, self.legacy, attention_chunk_elements(qkv, observed=True)
         ):
             for hook in list(self._weights_hooks.values()):
                 hook(self, start, weight)

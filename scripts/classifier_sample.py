@@ -16,7 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from improved_diffusion import cli, dist_util, sampling  # noqa: E402
-from improved_diffusion.checkpoints import classifier_from_args  # noqa: E402
+from improved_diffusion.checkpoints import classifier_from_args, model_from_args  # noqa: E402
+from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
 from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
 from improved_diffusion.script_util import (  # noqa: E402
     classifier_defaults,
@@ -39,7 +40,8 @@ def main(argv=None):
         files["classifier_path"] = args.classifier_path
 
     def setup(log_dir):
-        model, diffusion, sag = sampling.model_and_sag_from_args(args)
+        model, diffusion = cli.agree(model_from_args, args)
+        sag = cli.agree(SelfAttentionGuidance.from_args, model, args)
         cond_fn = None
         if guided:
             classifier = cli.agree(classifier_from_args, args)

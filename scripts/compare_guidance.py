@@ -46,7 +46,7 @@ from improved_diffusion.file_util import atomic_json  # noqa: E402
 from improved_diffusion.model_card import flags_with_card  # noqa: E402
 from improved_diffusion.npz_io import save_npz  # noqa: E402
 from improved_diffusion.sag import SelfAttentionGuidance, sag_defaults  # noqa: E402
-from improved_diffusion.sampling import draw_batch, make_cond_fn, to_uint8  # noqa: E402
+from improved_diffusion.sampling import BatchDrawer, make_cond_fn  # noqa: E402
 from improved_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -104,15 +104,16 @@ def draw_set(name, cfg, model, diffusion, classifier, device, *, seed, num_sampl
     cond_fn = None
     if cfg["cg"] is not None:
         cond_fn = make_cond_fn(classifier, cfg["cg"])
+    draw = BatchDrawer(diffusion, model, (3, 32, 32), device,
+                       dict(seed=seed, use_ddim=False, eta=0.0, clip_denoised=True),
+                       sag=sag, cond_fn=cond_fn, draw_labels=True, num_classes=num_classes)
     images, labels = [], []
     start = time.time()
     for first in range(0, num_samples, batch_size):
         positions = list(range(first, min(first + batch_size, num_samples)))
-        sample, y = draw_batch(diffusion, model, positions, (3, 32, 32), device, seed=seed,
-                               draw_labels=True, num_classes=num_classes,
-                               cond_fn=cond_fn, sag=sag)
-        images.append(to_uint8(sample))
-        labels.append(y.cpu().numpy())
+        batch, y = draw(positions)
+        images.append(batch)
+        labels.append(y)
         log(f"{name}: {positions[-1] + 1}/{num_samples} ({time.time() - start:.0f} s)")
     import numpy as np
 
@@ -158,7 +159,7 @@ def paired_stats(npz_path, base_path, n_boot=200, seed=0):
     import numpy as np
     from scipy import stats as sstats
 
-    model = fashion_metrics.load_classifier()
+    model = fashion_metrics.load_eval_classifier()
     mu_ref, sigma_ref = fashion_metrics.reference_stats(
         model, fashion_metrics.DEFAULT_CLASSIFIER)
     out = {}

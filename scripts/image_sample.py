@@ -16,6 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from improved_diffusion import cli, dist_util, sampling  # noqa: E402
+from improved_diffusion.checkpoints import model_from_args  # noqa: E402
+from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
 from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
 from improved_diffusion.script_util import model_and_diffusion_defaults, sag_defaults  # noqa: E402
 
@@ -30,7 +32,8 @@ def main(argv=None):
     dist_util.setup_dist()
 
     def setup(log_dir):
-        model, diffusion, sag = sampling.model_and_sag_from_args(args)
+        model, diffusion = cli.agree(model_from_args, args)
+        sag = cli.agree(SelfAttentionGuidance.from_args, model, args)
         draw = sampling.BatchDrawer(
             diffusion, model, (3, args.image_size, args.image_size), dist_util.dev(),
             sampling.sampler_settings(args), sag=sag, draw_labels=args.class_cond,

@@ -20,7 +20,9 @@ import torch as th
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from improved_diffusion import cli, dist_util, sampling  # noqa: E402
+from improved_diffusion.checkpoints import model_from_args  # noqa: E402
 from improved_diffusion.npz_io import npz_array  # noqa: E402
+from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
 from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
 from improved_diffusion.script_util import sag_defaults, sr_model_and_diffusion_defaults  # noqa: E402
 
@@ -42,7 +44,8 @@ def main(argv=None):
 
     def setup(log_dir):
         images, labels = cli.agree(open_base_samples, args)
-        model, diffusion, sag = sampling.model_and_sag_from_args(args, super_res=True)
+        model, diffusion = cli.agree(model_from_args, args, super_res=True)
+        sag = cli.agree(SelfAttentionGuidance.from_args, model, args)
         device = dist_util.dev()
 
         def base_inputs(positions):

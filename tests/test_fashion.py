@@ -219,7 +219,7 @@ def test_checkpoint_roundtrip(tmp_path):
     model = _tiny_model()
     path = str(tmp_path / "c.pt")
     torch.save(model.state_dict(), path)
-    loaded = fm.load_classifier(path)
+    loaded = fm.load_eval_classifier(path)
     assert loaded.channels == (4, 8) and loaded.feat_dim == 16
     imgs = _rand_images(8, 4)
     np.testing.assert_allclose(fm.features(model, imgs), fm.features(loaded, imgs), atol=1e-6)

@@ -80,19 +80,18 @@ def test_auto_backend_and_environment(monkeypatch):
         unet.set_attention_backend(th.nn.Sequential(), "fast")
 
 
-def test_einsum_chunks_are_bit_identical():
+def test_einsum_chunks_are_bit_identical(monkeypatch):
     g = th.Generator().manual_seed(1)
     qkv = th.randn(4, 3 * 2 * 8, 64, generator=g)
     whole = einsum_attention(qkv, 2)
     for chunk in (1, 64 * 64, 3 * 64 * 64, 10**9):
         assert th.equal(einsum_attention(qkv, 2, chunk_elements=chunk), whole)
-    # The model's automatic chunking (CPU, large maps) changes nothing either.
+    # The model's chunking (ATTENTION_CHUNK_ELEMENTS on CPU) changes nothing either.
     model, _ = tiny_model()
     unet.set_attention_backend(model, "einsum")
+    monkeypatch.setattr(unet, "ATTENTION_CHUNK_ELEMENTS", 10**9)
     want = _forward(model)
-    for m in model.modules():
-        if isinstance(m, QKVAttentionLegacy):
-            m.chunk_elements = 64 * 64
+    monkeypatch.setattr(unet, "ATTENTION_CHUNK_ELEMENTS", 64 * 64)
     assert th.equal(_forward(model), want)
 
 
@@ -102,7 +101,8 @@ def test_capture_once_same_output_and_one_weight_computation(monkeypatch, chunk)
     model, _ = tiny_model()
     unet.set_attention_backend(model, "einsum")
     block = model.attention_blocks()[("output", 0)]
-    block.attention.chunk_elements = chunk
+    if chunk is not None:
+        monkeypatch.setattr(unet, "ATTENTION_CHUNK_ELEMENTS", chunk)
     plain = _op_outputs(model)
     calls = []
     real = unet._softmax_weights
@@ -112,9 +112,11 @@ def test_capture_once_same_output_and_one_weight_computation(monkeypatch, chunk)
     assert cap.is_true_attention and cap.calls == 1
     for op, out in plain.items():
         assert th.equal(captured[op], out)  # every layer, the captured one included
-    n_ops = len(plain)
-    n_chunks = 2 if chunk == 1 else 1  # batch of 2: one sample per chunk
-    assert len(calls) == n_ops - 1 + n_chunks
+    if chunk == 1:  # one head per chunk; the captured layer: one sample (batch of 2)
+        others = [op for op in plain if op is not block.attention]
+        assert len(calls) == sum(2 * op.n_heads for op in others) + 2
+    else:  # the tiny maps fit one chunk
+        assert len(calls) == len(plain)
     # And the map is the one rebuilt from qkv (the published definition).
     qkv = {}
     h = block.attention.register_forward_hook(lambda m, i, o: qkv.update(x=i[0]))
@@ -138,13 +140,13 @@ def test_published_map_is_rebuilt_when_it_is_not_the_true_attention(monkeypatch)
 
 
 @pytest.mark.parametrize("true_attention", [False, True])
-def test_key_mass_capture_equals_full_map_reduction(true_attention):
+def test_key_mass_capture_equals_full_map_reduction(true_attention, monkeypatch):
     model, _ = tiny_model(num_heads=4, num_head_channels=16)
     block = model.attention_blocks()[("output", 1)]
     kwargs = {} if true_attention else dict(num_heads=4, legacy=True)
     with AttentionCapture(block, keep="weights", **kwargs) as full:
         _forward(model)
-    block.attention.chunk_elements = 1  # one sample per chunk
+    monkeypatch.setattr(unet, "ATTENTION_CHUNK_ELEMENTS", 1)  # one sample per chunk
     with AttentionCapture(block, keep="key_mass", **kwargs) as small:
         _forward(model)
     assert small.weights is None and small.key_mass.shape == (2, 64)
@@ -154,10 +156,10 @@ def test_key_mass_capture_equals_full_map_reduction(true_attention):
     assert th.equal(mask, attention_mask(full.weights, 2, (3, 16, 16)))
 
 
-def test_capture_recovers_after_a_failed_forward():
+def test_capture_recovers_after_a_failed_forward(monkeypatch):
     model, _ = tiny_model()
     block = model.attention_blocks()[("output", 0)]
-    block.attention.chunk_elements = 1
+    monkeypatch.setattr(unet, "ATTENTION_CHUNK_ELEMENTS", 1)
     with AttentionCapture(block, keep="key_mass") as cap:
         state = {"n": 0}
 

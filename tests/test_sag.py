@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch as th
 
@@ -11,7 +12,7 @@ from conftest import ROOT, tiny_model
 from improved_diffusion.attention_capture import AttentionCapture
 from improved_diffusion.random_util import BatchGenerator
 from improved_diffusion.sag import SAGConfigError, SelfAttentionGuidance
-from improved_diffusion.sampling import draw_batch
+from improved_diffusion.sampling import BatchDrawer
 from improved_diffusion.unet import AttentionBlock
 
 
@@ -193,22 +194,30 @@ def test_classifier_guidance_with_sag(tiny):
         assert guided.mean() > base.mean()  # the gradient pushes every pixel up
 
 
+def _drawer(diffusion, model, seed, use_ddim=False, **kwargs):
+    settings = dict(seed=seed, use_ddim=use_ddim, eta=0.0, clip_denoised=True)
+    return BatchDrawer(diffusion, model, (3, 16, 16), "cpu", settings, **kwargs)
+
+
 def test_seed_contract_batch_sizes(tiny):
     model, diffusion = tiny
     sag = SelfAttentionGuidance(model, scale=1.5, depth=0, num_heads=2)
-    one = [draw_batch(diffusion, model, [p], (3, 16, 16), "cpu", seed=5, sag=sag)[0] for p in range(3)]
-    three = draw_batch(diffusion, model, [0, 1, 2], (3, 16, 16), "cpu", seed=5, sag=sag)[0]
-    # Equal up to float rounding (batched convolutions sum in another order).
-    assert th.allclose(th.cat(one), three, atol=1e-3)
-    other = draw_batch(diffusion, model, [1, 2, 3], (3, 16, 16), "cpu", seed=5, sag=sag)[0]
-    assert th.allclose(other[:2], three[1:], atol=1e-3)
-    assert (other[2] - three[2]).abs().max() > 0.1  # position 3 is another sample
+    draw = _drawer(diffusion, model, seed=5, sag=sag)
+    one = np.concatenate([draw([p])[0] for p in range(3)]).astype(int)
+    three = draw([0, 1, 2])[0].astype(int)
+    assert three.shape == (3, 16, 16, 3)
+    # Equal up to float rounding (batched convolutions sum in another order),
+    # which can move a value across a uint8 level.
+    assert np.abs(one - three).max() <= 1
+    other = draw([1, 2, 3])[0].astype(int)
+    assert np.abs(other[:2] - three[1:]).max() <= 1
+    assert np.abs(other[2] - three[2]).max() > 12  # position 3 is another sample
 
 
 def test_labels_drawn_first_from_each_generator():
     model, diffusion = tiny_model(class_cond=True, num_classes=10)
-    _, labels = draw_batch(diffusion, model, [0, 1], (3, 16, 16), "cpu", seed=3, use_ddim=True,
-                           draw_labels=True, num_classes=10)
+    draw = _drawer(diffusion, model, seed=3, use_ddim=True, draw_labels=True, num_classes=10)
+    _, labels = draw([0, 1])
     want = [int(th.randint(0, 10, (1,), generator=th.Generator().manual_seed(3 + p))) for p in (0, 1)]
     assert labels.tolist() == want
 

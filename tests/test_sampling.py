@@ -271,6 +271,71 @@ def test_super_res_sample(tmp_path, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
+# The path of --guide_scale (docs/ARCHITECTURE.md), the run's logging
+# ---------------------------------------------------------------------------
+
+
+def test_guide_scale_reaches_combine_in_at_most_8_calls(ckpts, tmp_path, capsys, monkeypatch):
+    """The Python stack when sag_ops.combine is entered, from the script's main down."""
+    from improved_diffusion import sag_ops
+
+    package = os.path.join(ROOT, "improved_diffusion") + os.sep
+    seen = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is sag_ops.combine.__code__ and not seen:
+            stack, f = [], frame
+            while f is not None:
+                stack.append((f.f_code.co_filename, f.f_code.co_name))
+                f = f.f_back
+            seen.append((frame.f_locals["scale"], stack[::-1]))
+
+    flags = f"{TINY} --guide_scale 1.75 --timestep_respacing 3 --num_samples 2 --batch_size 2"
+    before = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        code, err = run_in_process(IMAGE_SAMPLE, f"{flags} --model_path {ckpts['uncond']}",
+                                   tmp_path / "out", capsys, monkeypatch)
+    finally:
+        sys.setprofile(before)
+    assert code == 0, err
+    scale, stack = seen[0]
+    assert scale == 1.75  # the flag's value, at the line that uses it
+    names = [name for _, name in stack]
+    main = len(names) - 1 - names[::-1].index("main")
+    assert stack[main][0] == IMAGE_SAMPLE.__file__
+    calls = stack[main + 1:]  # every call after main's, combine included
+    assert calls[-1][1] == "combine"
+    assert len(calls) <= 8, calls
+    outside = [c for c in calls if not c[0].startswith(package)]
+    assert not outside, outside  # down through the package, never back into a script
+
+
+def test_run_logs_into_its_dir_and_gives_the_logger_back(ckpts, tmp_path, capsys, monkeypatch):
+    """Two runs in one process (a sweep): each logs into its own dir, the caller's logger stays."""
+    from improved_diffusion import logger
+
+    logger.configure(dir=str(tmp_path / "caller"), format_strs=["log"])
+    try:
+        for name in ("a", "b"):
+            code, err = run_in_process(IMAGE_SAMPLE, f"{TINY} --timestep_respacing 2 --num_samples 1 "
+                                       f"--batch_size 1 --model_path {ckpts['uncond']}",
+                                       tmp_path / name, capsys, monkeypatch)
+            assert code == 0, err
+            assert logger.get_dir() == str(tmp_path / "caller")
+            logger.log(f"caller after {name}")
+    finally:
+        logger.configure(dir=str(tmp_path / "closed"), format_strs=[])  # closes the caller's log.txt
+    for name in ("a", "b"):
+        text = (tmp_path / name / "log.txt").read_text()
+        assert f"into {tmp_path / name}" in text and "wrote " in text
+        assert "caller after" not in text
+    assert "into " + str(tmp_path / "b") not in (tmp_path / "a" / "log.txt").read_text()
+    caller = (tmp_path / "caller" / "log.txt").read_text()
+    assert "caller after a" in caller and "caller after b" in caller and "sampling " not in caller
+
+
+# ---------------------------------------------------------------------------
 # Bad input: one line, exit 2, nothing left behind
 # ---------------------------------------------------------------------------
 
