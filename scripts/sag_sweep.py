@@ -487,19 +487,27 @@ def plot(rows, path):
     if not keys:
         return "sweep.png not written: no scores (pass --ref_batch)"
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
+    baselines = {r["setting"]: r for r in rows if r["baseline"]}
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
     for ax, key in zip(axes[0], keys):
         lines = {}
         for r in rows:
-            if r["baseline"]:
-                group = r["setting"].partition(",")[2]
-                ax.axhline(r[key], color="gray", linestyle="--",
-                           label=f"no SAG {group}".strip())
+            if r["baseline"] or key not in r:
                 continue
-            label = ", ".join(f"{k}={_text(v)}" for k, v in _line_flags(r).items())
-            lines.setdefault(label, []).append((float(r["guide_scale"]), r[key]))
+            label = ", ".join(f"{k}={v}" for k, v in _line_flags(r).items())
+            if label not in lines:  # every line starts at its baseline (guide_scale 1)
+                base = baselines[r["baseline_setting"]]
+                lines[label] = [(BASELINE_SCALE, base[key])] if key in base else []
+            lines[label].append((float(r["guide_scale"]), r[key]))
+        for n, (name, base) in enumerate(baselines.items()):
+            if key in base:
+                group = name.partition(",")[2]
+                ax.axhline(base[key], color="black", linewidth=1, linestyle=styles[n % len(styles)],
+                           label=f"no SAG {group}".strip())
         for label, points in lines.items():
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label or "SAG")
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                    label=label or "SAG")
         ax.set_xlabel("guide_scale")
         ax.set_ylabel(key)
         ax.legend(fontsize=7)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from conftest import ROOT, random_state_dict, tiny_model
+from conftest import MPIEXEC, ROOT, needs_mpiexec, random_state_dict, tiny_model
 from evaluations.evaluator import compute_statistics, frechet_distance
 from evaluations.paired_stats import (
     FrechetReference,
@@ -48,8 +48,10 @@ def env_for(logdir):
     return env
 
 
-def run(script, flags, logdir, timeout=300):
+def run(script, flags, logdir, timeout=300, ranks=None):
     cmd = [sys.executable, script] + shlex.split(flags)
+    if ranks:
+        cmd = [MPIEXEC, "-n", str(ranks)] + cmd
     return subprocess.run(cmd, capture_output=True, text=True, env=env_for(logdir), timeout=timeout)
 
 
@@ -196,6 +198,22 @@ def test_killed_sweep_resumes_without_redrawing(files, tmp_path):
     assert "sampled positions" not in res.stdout
 
 
+@needs_mpiexec
+def test_two_ranks_same_samples(sweep, files, tmp_path):
+    """mpiexec -n 2: every setting's npz equals the one-process sweep's; rank 0 alone scores."""
+    out, _ = sweep
+    res = run(SWEEP, f"{TINY} --model_path {files['model']} --num_samples 4 "
+                     "--grid 'guide_scale=1.0,2.0 blur_sigma=1' --bootstrap 0", tmp_path, ranks=2)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    for name in SETTINGS[:2]:
+        assert (load(setting_npz(tmp_path, name))["arr_0"].tobytes()
+                == load(setting_npz(out, name))["arr_0"].tobytes())
+        assert json.load(open(os.path.join(tmp_path, "settings", name, "config.json")))["world_size"] == 2
+    assert res.stdout.count("wrote " + str(tmp_path / "sweep.csv")) == 1
+    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    assert [r["setting"] for r in rows] == SETTINGS[:2]
+
+
 # ---------------------------------------------------------------------------
 # The paired statistics
 # ---------------------------------------------------------------------------
@@ -274,8 +292,10 @@ def test_mcnemar_hand_computed():
 
 ROWS = [
     dict(setting="guide_scale=1.0", baseline=True, guide_scale=1.0, fid=10.0, accuracy=0.5),
-    dict(setting="guide_scale=1.5,blur_sigma=1.0", baseline=False, guide_scale=1.5, fid=9.0, accuracy=0.4),
-    dict(setting="guide_scale=2.0,blur_sigma=1.0", baseline=False, guide_scale=2.0, fid=8.0, accuracy=0.3),
+    dict(setting="guide_scale=1.5,blur_sigma=1.0", baseline=False, guide_scale=1.5, fid=9.0,
+         accuracy=0.4, baseline_setting="guide_scale=1.0"),
+    dict(setting="guide_scale=2.0,blur_sigma=1.0", baseline=False, guide_scale=2.0, fid=8.0,
+         accuracy=0.3, baseline_setting="guide_scale=1.0"),
 ]
 
 
