@@ -175,14 +175,17 @@ def sample_to_npz(args, script, image_size, has_labels, files, setup, log_dir=No
 # ---------------------------------------------------------------------------
 
 
+def default_log_dir():
+    """``OPENAI_LOGDIR``, else a fresh folder under the temporary directory."""
+    return os.environ.get("OPENAI_LOGDIR") or os.path.join(
+        tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f"))
+
+
 def _choose_log_dir(rank, log_dir=None):
     """(log directory, session id, whether rank 0 creates it), the same on every rank."""
     chosen = None
     if rank == 0:
-        chosen = log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join(
-            tempfile.gettempdir(),
-            datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f"),
-        )
+        chosen = log_dir or default_log_dir()
         chosen = (os.path.abspath(os.path.expanduser(chosen)), secrets.token_hex(4),
                   not os.path.isdir(chosen))
     return dist_util.broadcast_object(chosen)

@@ -48,7 +48,7 @@ from evaluations.paired_stats import (  # noqa: E402
 from improved_diffusion import cli, dist_util, sampling  # noqa: E402
 from improved_diffusion.checkpoints import classifier_from_args, model_from_args  # noqa: E402
 from improved_diffusion.file_util import atomic_json, atomic_write  # noqa: E402
-from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
+from improved_diffusion.sample_run import Batches, default_log_dir, sample_to_npz  # noqa: E402
 
 def _load_script(name):
     """A sampling script of this folder as a module (its flags and nothing run)."""
@@ -214,9 +214,11 @@ def check_setting(args, setting, with_classifier):
     except cli.UsageError as e:
         raise cli.pure_usage_error(f"--grid: setting {setting['name']}: {e}") from None
     if with_classifier and args.classifier_guidance and not args.classifier_path:
+        where = (f"--grid: setting {setting['name']}" if "classifier_guidance" in setting["values"]
+                 else "--classifier_guidance True")
         raise cli.pure_usage_error(
-            f"--grid: setting {setting['name']} uses classifier guidance; pass --classifier_path "
-            "(a noisy-image classifier)")
+            f"{where} needs --classifier_path (a noisy-image classifier); pass it, or leave "
+            "classifier guidance off")
 
 
 # ---------------------------------------------------------------------------
@@ -416,12 +418,7 @@ def main(argv=None):
 
 
 def _log_dir():
-    import tempfile
-    import datetime
-
-    chosen = os.environ.get("OPENAI_LOGDIR") or os.path.join(
-        tempfile.gettempdir(), datetime.datetime.now().strftime("openai-sweep-%Y-%m-%d-%H-%M-%S-%f"))
-    return os.path.abspath(os.path.expanduser(chosen))
+    return os.path.abspath(os.path.expanduser(default_log_dir()))
 
 
 def _sag_for(model, args, setting):

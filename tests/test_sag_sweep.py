@@ -343,6 +343,10 @@ SWEEPABLE = ("sweepable: guide_scale, blur_sigma, sel_attn_block, sel_attn_depth
     ("blur_sigma=1,-2", "", "--grid: setting blur_sigma=-2.0: --blur_sigma must be a number > 0, got -2.0"),
     ("guide_scale=2 sel_attn_depth=0,3", "",
      "--grid: setting guide_scale=2.0,sel_attn_depth=3: output_blocks[3] has no attention layer"),
+    ("guide_scale=1.0 classifier_guidance=False,True", "",
+     "--grid: setting guide_scale=1.0,classifier_guidance=True needs --classifier_path"),
+    ("guide_scale=1.0,2.0", "--classifier_guidance True",
+     "--classifier_guidance True needs --classifier_path"),
     ("guide_scale=1.0,2.0", "--ref_batch {ref32}",
      "--ref_batch {ref32} holds 32x32 images but the samples are 16x16 (--image_size 16)"),
 ])
