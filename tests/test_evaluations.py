@@ -8,7 +8,6 @@ tests/data/fid_inception.json) on a few tiny images.
 
 import hashlib
 import http.server
-import json
 import os
 import subprocess
 import sys
