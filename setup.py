@@ -17,5 +17,6 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "scipy", "mpich"],
         "eval": ["scipy"],
+        "plot": ["matplotlib"],
     },
 )

@@ -16,6 +16,7 @@ measure class-conditional samples:
 
 CLI:
     python evaluations/fashion_metrics.py train [--epochs 4]
+    python evaluations/fashion_metrics.py noisy_classifier [--classifier_path models/fashion32_classifier.pt]
     python evaluations/fashion_metrics.py score SAMPLES.npz [--ref test]
         [--classifier models/fashion_eval_classifier.pt]
         [--ref_stats models/fashion_eval_ref_stats.npz]
@@ -238,6 +239,37 @@ def score(
 
 
 DEFAULT_REFERENCE = os.path.join(REPO_ROOT, "models", "fashion_eval_reference.json")
+DEFAULT_NOISY_CLASSIFIER = os.path.join(REPO_ROOT, "models", "fashion32_classifier.pt")
+
+
+def noisy_classifier_accuracy(classifier_path=DEFAULT_NOISY_CLASSIFIER,
+                              timesteps=(0, 250, 500, 750, 999), num_images=2000, seed=0,
+                              batch_size=500, source_dir=DEFAULT_SOURCE_DIR):
+    """
+    Accuracy of a noisy-image classifier (the one classifier guidance uses,
+    built from its model card) on the first `num_images` test images diffused
+    to each of `timesteps` with its own diffusion; the noise of step t comes
+    from a generator seeded ``seed + t``. Returns {t: accuracy}.
+    """
+    from improved_diffusion.checkpoints import classifier_from_card
+
+    classifier, diffusion = classifier_from_card(classifier_path, torch.device("cpu"))
+    images, labels = load_fashion_mnist("test", source_dir=source_dir)
+    x0 = torch.from_numpy(to_rgb32(images[:num_images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = torch.from_numpy(labels[:num_images].astype("int64"))
+    out = {}
+    for t in timesteps:
+        gen = torch.Generator().manual_seed(seed + t)
+        correct = 0
+        for i in range(0, len(x0), batch_size):
+            xb = x0[i : i + batch_size]
+            tt = torch.full((len(xb),), t, dtype=torch.long)
+            noise = torch.randn(xb.shape, generator=gen)
+            with torch.no_grad():
+                logits = classifier(diffusion.q_sample(xb, tt, noise=noise), tt)
+            correct += int((logits.argmax(-1) == y[i : i + batch_size]).sum())
+        out[int(t)] = correct / len(x0)
+    return out
 
 
 def real_image_reference(sizes, classifier_path=DEFAULT_CLASSIFIER, ref_stats_path=DEFAULT_REF_STATS,
@@ -359,7 +391,21 @@ def main(argv=None):
     r.add_argument("--n", default="256,1000", help="comma-separated sample counts")
     r.add_argument("--out", default=DEFAULT_REFERENCE)
     r.add_argument("--source_dir", default=DEFAULT_SOURCE_DIR)
+    c = sub.add_parser("noisy_classifier", help="accuracy of a noisy-image classifier (classifier "
+                                                "guidance's) on test images diffused to t")
+    c.add_argument("--classifier_path", default=DEFAULT_NOISY_CLASSIFIER)
+    c.add_argument("--num_images", type=int, default=2000)
+    c.add_argument("--timesteps", default="0,250,500,750,999")
+    c.add_argument("--source_dir", default=DEFAULT_SOURCE_DIR)
     args = p.parse_args(argv)
+
+    if args.cmd == "noisy_classifier":
+        result = noisy_classifier_accuracy(
+            args.classifier_path, [int(t) for t in args.timesteps.split(",") if t],
+            num_images=args.num_images, source_dir=args.source_dir)
+        for t, acc in result.items():
+            print("t=%d: accuracy %.4f (n=%d)" % (t, acc, args.num_images))
+        return 0
 
     if args.cmd == "reference":
         result = real_image_reference([int(n) for n in args.n.split(",") if n],

@@ -130,7 +130,7 @@ class _Run:
         return sum(e - s for s, e in self.done)
 
 
-def sample_to_npz(args, script, image_size, has_labels, files, setup):
+def sample_to_npz(args, script, image_size, has_labels, files, setup, log_dir=None):
     """
     Sample positions ``0 .. args.num_samples - 1`` on every rank into
     ``samples_NxHxWx3.npz`` in the log directory, resuming from the shards
@@ -145,10 +145,12 @@ def sample_to_npz(args, script, image_size, has_labels, files, setup):
     :param setup: ``setup(log_dir)`` -> :class:`Batches`; called on every
         rank together, only when there is something to sample (loading the
         models goes here).
+    :param log_dir: the log directory (the same on every rank); default
+        ``OPENAI_LOGDIR``, or a fresh folder under the temporary directory.
     :return: the npz path on rank 0, None on the other ranks.
     """
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    log_dir, session, created = _choose_log_dir(rank)
+    log_dir, session, created = _choose_log_dir(rank, log_dir)
     try:
         _check_log_dir(log_dir, session, rank)
         found = on_rank0(_inspect, args, script, files, log_dir,
@@ -176,14 +178,17 @@ def sample_to_npz(args, script, image_size, has_labels, files, setup):
 # ---------------------------------------------------------------------------
 
 
-def _choose_log_dir(rank):
+def default_log_dir():
+    """``OPENAI_LOGDIR``, else a fresh folder under the temporary directory."""
+    return os.environ.get("OPENAI_LOGDIR") or os.path.join(
+        tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f"))
+
+
+def _choose_log_dir(rank, log_dir=None):
     """(log directory, session id, whether rank 0 creates it), the same on every rank."""
     chosen = None
     if rank == 0:
-        chosen = os.environ.get("OPENAI_LOGDIR") or os.path.join(
-            tempfile.gettempdir(),
-            datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f"),
-        )
+        chosen = log_dir or default_log_dir()
         chosen = (os.path.abspath(os.path.expanduser(chosen)), secrets.token_hex(4),
                   not os.path.isdir(chosen))
     return dist_util.broadcast_object(chosen)

@@ -1,6 +1,7 @@
 import contextlib
 import glob
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -231,3 +232,37 @@ def run_in_process(module, flags, logdir, capsys, monkeypatch):
     except SystemExit as exc:
         code = exc.code
     return code, capsys.readouterr().err
+
+
+# A random FID Inception: the published weights file's layout, random values.
+
+LAYOUT_JSON = os.path.join(ROOT, "tests", "data", "fid_inception.json")
+
+
+def published_layout():
+    with open(LAYOUT_JSON) as f:
+        return [(name, tuple(shape), dtype) for name, shape, dtype in json.load(f)["params"]]
+
+
+def random_state_dict(seed=0):
+    """Random weights with every name/shape/dtype of the published file (He-scaled convs)."""
+    g = th.Generator().manual_seed(seed)
+    state = {}
+    for name, shape, dtype in published_layout():
+        leaf = name.rsplit(".", 1)[1]
+        if dtype == "int64":
+            state[name] = th.zeros(shape, dtype=th.int64)
+        elif name.endswith("conv.weight"):
+            fan_in = int(np.prod(shape[1:]))
+            state[name] = th.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
+        elif name == "fc.weight":
+            state[name] = th.randn(shape, generator=g) * 2048 ** -0.5
+        elif leaf == "weight":
+            state[name] = 1 + 0.1 * th.randn(shape, generator=g)
+        elif leaf in ("bias", "running_mean"):
+            state[name] = 0.1 * th.randn(shape, generator=g)
+        elif leaf == "running_var":
+            state[name] = 1 + 0.1 * th.rand(shape, generator=g)
+        else:
+            raise KeyError(name)
+    return state

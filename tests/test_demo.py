@@ -183,32 +183,3 @@ def test_pick_threads(monkeypatch):
     assert demo.pick_threads() == 1
     monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0, 0))
     assert demo.pick_threads() == 1
-
-
-def test_compare_guidance_config_names():
-    cg = _load("compare_guidance")
-    base = dict(guide_scale=1.5, blur_sigma=1.0, sel_attn_depth=5, sel_attn_block="output")
-    assert cg.parse_config("none", base) == dict(sag=None, cg=None)
-    sag = cg.parse_config("sag", base)["sag"]
-    assert sag == dict(scale=1.5, blur_sigma=1.0, depth=5, block="output")
-    both = cg.parse_config("sag_s3_b2.5_d2+cg2", base)
-    assert both["sag"] == dict(scale=3.0, blur_sigma=2.5, depth=2, block="output")
-    assert both["cg"] == 2.0
-    assert cg.parse_config("cg", base)["cg"] == cg.DEFAULT_CLASSIFIER_SCALE
-    with pytest.raises(ValueError):
-        cg.parse_config("sag_x3", base)
-    with pytest.raises(ValueError):
-        cg.parse_config("cfg", base)
-
-
-def test_compare_guidance_runs_on_tiny_checkpoint(tmp_path):
-    cg = _load("compare_guidance")
-    ckpt = tiny_checkpoint(tmp_path)
-    results = cg.main(["--model_path", ckpt, "--num_samples", "3", "--batch_size", "2",
-                       "--configs", "none,sag_s2", "--out_dir", str(tmp_path / "study")])
-    assert set(results) == {"none_n3", "sag_s2_n3"}
-    with np.load(tmp_path / "study" / "none_n3.npz") as a, \
-            np.load(tmp_path / "study" / "sag_s2_n3.npz") as b:
-        assert np.array_equal(a["arr_1"], b["arr_1"])  # same seeds, same labels
-        assert not np.array_equal(a["arr_0"], b["arr_0"])  # SAG changed the images
-    assert "| sag_s2 |" in (tmp_path / "study" / "results.md").read_text()

@@ -8,7 +8,6 @@ tests/data/fid_inception.json) on a few tiny images.
 
 import hashlib
 import http.server
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from conftest import published_layout, random_state_dict  # noqa: E402
 from evaluations import evaluator as ev  # noqa: E402
 from evaluations import fid_inception as fi  # noqa: E402
 from evaluations.evaluator import (  # noqa: E402
@@ -35,37 +35,7 @@ from evaluations.evaluator import (  # noqa: E402
     precision_recall,
 )
 
-LAYOUT_JSON = os.path.join(ROOT, "tests", "data", "fid_inception.json")
 EVALUATOR = os.path.join(ROOT, "evaluations", "evaluator.py")
-
-
-def published_layout():
-    with open(LAYOUT_JSON) as f:
-        return [(name, tuple(shape), dtype) for name, shape, dtype in json.load(f)["params"]]
-
-
-def random_state_dict(seed=0):
-    """Random weights with every name/shape/dtype of the published file (He-scaled convs)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape, dtype in published_layout():
-        leaf = name.rsplit(".", 1)[1]
-        if dtype == "int64":
-            state[name] = torch.zeros(shape, dtype=torch.int64)
-        elif name.endswith("conv.weight"):
-            fan_in = int(np.prod(shape[1:]))
-            state[name] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
-        elif name == "fc.weight":
-            state[name] = torch.randn(shape, generator=g) * 2048 ** -0.5
-        elif leaf == "weight":
-            state[name] = 1 + 0.1 * torch.randn(shape, generator=g)
-        elif leaf in ("bias", "running_mean"):
-            state[name] = 0.1 * torch.randn(shape, generator=g)
-        elif leaf == "running_var":
-            state[name] = 1 + 0.1 * torch.rand(shape, generator=g)
-        else:
-            raise KeyError(name)
-    return state
 
 
 @pytest.fixture(scope="module")

@@ -254,3 +254,24 @@ def test_cli_score(tmp_path):
                         capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr
     assert r2.stdout == r.stdout
+
+
+def test_noisy_classifier_accuracy(tmp_path):
+    """The guidance classifier's accuracy on diffused test images, against a direct computation."""
+    from improved_diffusion.checkpoints import classifier_from_card
+
+    src = str(tmp_path / "src")
+    data = _fake_dataset(src, gz=True, n_test=12)
+    path = os.path.join(ROOT, "models", "fashion32_classifier.pt")
+    got = fm.noisy_classifier_accuracy(path, timesteps=(0, 600), num_images=10, seed=4,
+                                       source_dir=src)
+    classifier, diffusion = classifier_from_card(path, torch.device("cpu"))
+    x0 = torch.from_numpy(to_rgb32(data["test"][0][:10])).permute(0, 3, 1, 2).double() / 127.5 - 1
+    for t in (0, 600):
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4 + t)).double()
+        abar = float(diffusion.alphas_cumprod[t])
+        xt = (abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise).float()
+        with torch.no_grad():
+            pred = classifier(xt, torch.full((10,), t)).argmax(-1).numpy()
+        assert got[t] == pytest.approx(np.mean(pred == data["test"][1][:10]))
+    assert set(got) == {0, 600}

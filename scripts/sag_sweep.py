@@ -1,0 +1,530 @@
+"""
+Sample a grid of guidance settings with the same seeds and score every setting.
+
+    mpiexec -n N python scripts/sag_sweep.py $MODEL_FLAGS --model_path M \
+        --grid "guide_scale=1.0,1.1,1.5,2.0 blur_sigma=1,3,9 sel_attn_depth=2,5" \
+        --num_samples N [--ref_batch REF.npz [--inception_path W]] [--bootstrap 1000]
+
+Every flag of image_sample.py (or, with --classifier_path or classifier flags
+in the grid, of classifier_sample.py) is the fixed part; --grid lists the
+flags to vary as space-separated ``flag=v1,v2,...``, and the settings are
+their Cartesian product. Position p of every setting comes from seed + p, so
+the settings are paired. Each setting is an ordinary sampling run in
+``$OPENAI_LOGDIR/settings/<flag=value,...>/`` (shards, resume, config.json):
+the same command run again resumes where it stopped and redraws no finished
+setting. The no-SAG baseline (guide_scale 1.0, which runs no SAG pass, so
+blur_sigma and the block do not matter there) is sampled once per value of
+the other flags, and added when the grid has none.
+
+Scores (rank 0): with --ref_batch the evaluator's FID, sFID, IS, precision
+and recall (the reference's Inception pass once); for a Fashion-MNIST model
+(32x32, 10 classes) the label accuracy and feature FID of
+evaluations/fashion_metrics.py. Differences against the baseline come with
+paired bootstrap intervals over positions. Written to the log directory:
+sweep.csv, sweep.json and sweep.png (with matplotlib: pip install -e '.[plot]').
+docs/sag-sweep.md tells more.
+"""
+
+import argparse
+import csv
+import importlib.util
+import itertools
+import os
+import sys
+
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(SCRIPTS))
+
+import numpy as np  # noqa: E402
+
+from evaluations.paired_stats import (  # noqa: E402
+    FrechetReference,
+    FrechetToReference,
+    fid_of,
+    mcnemar,
+    mean_score,
+    paired_bootstrap,
+)
+from improved_diffusion import cli, dist_util, sampling  # noqa: E402
+from improved_diffusion.checkpoints import classifier_from_args, model_from_args  # noqa: E402
+from improved_diffusion.file_util import atomic_json, atomic_write  # noqa: E402
+from improved_diffusion.sample_run import Batches, default_log_dir, sample_to_npz  # noqa: E402
+from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
+
+def _load_script(name):
+    """A sampling script of this folder as a module (its flags and nothing run)."""
+    spec = importlib.util.spec_from_file_location(f"sag_sweep_{name}", os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+image_sample = _load_script("image_sample")
+classifier_sample = _load_script("classifier_sample")
+
+# Flags that only act through a second SAG pass: none of them changes a
+# sample at guide_scale 1.0 (SelfAttentionGuidance.applies is then False at
+# every step and the sampler takes the plain path).
+SAG_ONLY = ("blur_sigma", "sel_attn_block", "sel_attn_depth", "guide_start", "sag_true_attention")
+SWEEPABLE = ("guide_scale",) + SAG_ONLY + (
+    "use_ddim", "eta", "clip_denoised", "classifier_scale", "classifier_guidance")
+CLASSIFIER_FLAGS = ("classifier_scale", "classifier_guidance")
+BASELINE_SCALE = 1.0
+SWEEP_DIR = "settings"
+PLOT_HINT = "sweep.png not written: matplotlib is not installed (pip install -e '.[plot]')"
+
+
+def add_sweep_flags(parser):
+    parser.add_argument("--grid", default="",
+                        help='space-separated flag=v1,v2,... e.g. "guide_scale=1.0,1.5 blur_sigma=1,3"')
+    parser.add_argument("--ref_batch", default="",
+                        help="reference npz (uint8 arr_0) for FID, sFID, IS, precision, recall")
+    parser.add_argument("--inception_path", default=None,
+                        help="the evaluator's Inception weights (evaluations/evaluator.py)")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples of the positions for the intervals (0: none)")
+    return parser
+
+
+SWEEP_DESTS = ("grid", "ref_batch", "inception_path", "bootstrap")
+
+
+# ---------------------------------------------------------------------------
+# Flags and grid
+# ---------------------------------------------------------------------------
+
+
+def grid_names(text):
+    """The flag names of a grid text (for choosing the script before parsing values)."""
+    return [item.split("=", 1)[0] for item in text.split()]
+
+
+def parse_args(argv):
+    """(fixed flags as the script parses them, sweep flags, the script module, its name)."""
+    args = cli.parse_sample_args(add_sweep_flags(classifier_sample.create_argparser()), argv)
+    with_classifier = (bool(args.classifier_path) or args.classifier_guidance
+                       or any(n in CLASSIFIER_FLAGS for n in grid_names(args.grid)))
+    script, name = classifier_sample, "classifier_sample"
+    if not with_classifier:
+        script, name = image_sample, "image_sample"
+        args = cli.parse_sample_args(add_sweep_flags(script.create_argparser()), argv)
+    sweep = argparse.Namespace(**{k: getattr(args, k) for k in SWEEP_DESTS})
+    fixed = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in SWEEP_DESTS})
+    if sweep.bootstrap < 0:
+        raise cli.pure_usage_error(f"--bootstrap must be >= 0, got {sweep.bootstrap}")
+    return fixed, sweep, script, name
+
+
+def parse_grid(text, parser):
+    """
+    ``"flag=v1,v2 flag2=w1"`` -> [(flag, [values parsed like the flag]), ...]
+    in the order given; raises a pure UsageError naming the bad part.
+    """
+    sweepable = ", ".join(SWEEPABLE)
+    if not text.split():
+        raise cli.pure_usage_error(
+            f"--grid is empty; give flag=v1,v2,... items, e.g. \"guide_scale=1.0,1.5\" "
+            f"(sweepable: {sweepable})")
+    types = {a.dest: a.type for a in parser._actions}
+    grid, seen = [], set()
+    for item in text.split():
+        flag, sep, values = item.partition("=")
+        if not sep:
+            raise cli.pure_usage_error(f"--grid: {item!r} is not flag=v1,v2,...")
+        if flag not in SWEEPABLE:
+            raise cli.pure_usage_error(f"--grid: unknown flag {flag!r} (sweepable: {sweepable})")
+        if flag in seen:
+            raise cli.pure_usage_error(f"--grid: {flag} is given twice; list its values once")
+        seen.add(flag)
+        raw = values.split(",")
+        if not values or any(not v for v in raw):
+            raise cli.pure_usage_error(f"--grid: {flag} has an empty value in {item!r}")
+        parsed = []
+        for v in raw:
+            try:
+                value = types[flag](v)
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                kind = getattr(types[flag], "__name__", "value").replace("str2bool", "True/False")
+                raise cli.pure_usage_error(
+                    f"--grid: {flag} cannot take {v!r} (expects {kind})") from None
+            if value in parsed:
+                raise cli.pure_usage_error(f"--grid: {flag} lists {v!r} twice")
+            parsed.append(value)
+        grid.append((flag, parsed))
+    return grid
+
+
+def _text(value):
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def settings_of(grid, fixed):
+    """
+    The settings, in a stable order: the Cartesian product of the grid (the
+    first flag varying slowest), the no-SAG baselines sampled once per value
+    of the other flags (added first when the grid has none).
+
+    :return: (settings, notes) with each setting a dict(name, values (every
+        grid flag), shown (the flags that act), baseline, group).
+    """
+    flags = [f for f, _ in grid]
+    group_flags = [f for f in flags if f != "guide_scale" and f not in SAG_ONLY]
+    settings, names, notes = [], set(), []
+    for combo in itertools.product(*[vals for _, vals in grid]):
+        values = dict(zip(flags, combo))
+        scale = values.get("guide_scale", fixed.guide_scale)
+        settings.append(_setting(values, flags, group_flags, float(scale) == BASELINE_SCALE))
+    for s in list(settings):
+        if s["baseline"] and s["name"] in names:
+            settings.remove(s)  # the same samples as the first one of this name
+        names.add(s["name"])
+    for group in dict.fromkeys(s["group"] for s in settings):
+        if not any(s["baseline"] and s["group"] == group for s in settings):
+            first = {f: vals[0] for f, vals in grid}
+            first.update(dict(group), guide_scale=BASELINE_SCALE)
+            base = _setting(first, flags, group_flags, True)
+            settings.insert(0, base)
+            notes.append(f"the grid has no guide_scale {BASELINE_SCALE}: adding the no-SAG "
+                         f"baseline {base['name']}")
+    return settings, notes
+
+
+def _setting(values, flags, group_flags, baseline):
+    shown = {f: values[f] for f in flags if not (baseline and f in SAG_ONLY)}
+    if baseline:
+        shown = dict(guide_scale=BASELINE_SCALE, **{f: v for f, v in shown.items()
+                                                     if f != "guide_scale"})
+    name = ",".join(f"{f}={_text(v)}" for f, v in shown.items())
+    return dict(name=name, values=values, shown=shown, baseline=baseline,
+                group=tuple((f, values[f]) for f in group_flags))
+
+
+def setting_args(fixed, setting):
+    args = argparse.Namespace(**vars(fixed))
+    for flag, value in setting["values"].items():
+        setattr(args, flag, value)
+    if setting["baseline"]:
+        args.guide_scale = BASELINE_SCALE
+    return args
+
+
+def check_setting(args, setting, with_classifier):
+    """The flag checks of the scripts, for one setting (pure UsageError)."""
+    try:
+        cli.validate_sample_args(args)
+    except cli.UsageError as e:
+        raise cli.pure_usage_error(f"--grid: setting {setting['name']}: {e}") from None
+    if with_classifier and args.classifier_guidance and not args.classifier_path:
+        where = (f"--grid: setting {setting['name']}" if "classifier_guidance" in setting["values"]
+                 else "--classifier_guidance True")
+        raise cli.pure_usage_error(
+            f"{where} needs --classifier_path (a noisy-image classifier); pass it, or leave "
+            "classifier guidance off")
+
+
+# ---------------------------------------------------------------------------
+# Before sampling: the reference batch and the scorers
+# ---------------------------------------------------------------------------
+
+
+def is_fashion_model(args):
+    return int(args.image_size) == 32 and int(args.num_classes) == 10
+
+
+class Scorer:
+    """What scores a setting's npz: the evaluator with its reference, the Fashion-MNIST metrics."""
+
+    def __init__(self, sweep, args, has_labels):
+        from evaluations import fashion_metrics
+
+        self.sweep, self.has_labels = sweep, has_labels
+        self.inception = self.ref = None
+        if sweep.ref_batch:
+            from evaluations.evaluator import Evaluator, NpzBatch
+            from evaluations.fid_inception import (EvaluationError, load_fid_inception,
+                                                   resolve_inception_weights)
+
+            try:
+                self.ref = NpzBatch(sweep.ref_batch)
+                weights = resolve_inception_weights(sweep.inception_path)
+                self.inception = Evaluator(load_fid_inception(weights, device=dist_util.dev()),
+                                           device=dist_util.dev(), progress=False)
+            except EvaluationError as e:
+                raise cli.UsageError(f"--ref_batch/--inception_path: {e}") from None
+            size = int(args.image_size)
+            if tuple(self.ref.shape[1:3]) != (size, size):
+                raise cli.UsageError(
+                    f"--ref_batch {sweep.ref_batch} holds {self.ref.shape[1]}x{self.ref.shape[2]} "
+                    f"images but the samples are {size}x{size} (--image_size {size}); pass a "
+                    "reference batch of the model's size")
+            if len(self.ref) < 4 or int(args.num_samples) < 4:
+                raise cli.UsageError(
+                    f"precision and recall need at least 4 images (--ref_batch holds "
+                    f"{len(self.ref)}, --num_samples {args.num_samples})")
+        self.fashion = None
+        if is_fashion_model(args):
+            try:
+                self.fashion = fashion_metrics.load_eval_classifier()
+            except FileNotFoundError as e:
+                raise cli.UsageError(f"Fashion-MNIST metrics: {e}") from None
+        self.ref_acts = self.ref_stats = self.fashion_ref = None
+
+    def _reference(self):
+        """The reference statistics, computed once."""
+        from evaluations import fashion_metrics
+
+        if self.inception is not None and self.ref_acts is None:
+            self.ref_acts = self.inception.read_activations(self.ref, desc="reference batch")
+            self.ref_stats = [FrechetReference(*stats) for stats in
+                              self.inception.read_statistics(self.ref, self.ref_acts)]
+        if self.fashion is not None and self.fashion_ref is None:
+            self.fashion_ref = FrechetReference(*fashion_metrics.reference_stats(
+                self.fashion, fashion_metrics.DEFAULT_CLASSIFIER))
+
+    def score(self, path):
+        """
+        (scores, per-position data for the paired comparison) of one npz. The
+        Frechet distances are the evaluator's (evaluations/paired_stats.py
+        computes them without its matrix square root, equal up to rounding).
+        """
+        from evaluations import evaluator, fashion_metrics
+
+        self._reference()
+        scores, paired = {}, {}
+        with np.load(path) as z:
+            images = z["arr_0"]
+            labels = z["arr_1"] if "arr_1" in z else None
+        scores["n"] = len(images)
+        if self.inception is not None:
+            pool, spatial = self.inception.read_activations(evaluator.NpzBatch(path),
+                                                            desc=os.path.basename(path))
+            paired["fid"] = FrechetToReference(pool, self.ref_stats[0])
+            scores["fid"] = paired["fid"]()
+            scores["sfid"] = FrechetToReference(spatial, self.ref_stats[1])()
+            scores["inception_score"] = self.inception.compute_inception_score(pool)
+            scores["precision"], scores["recall"] = evaluator.precision_recall(
+                self.ref_acts[0], pool, device=str(dist_util.dev()))
+        if self.fashion is not None:
+            feats = fashion_metrics.features(self.fashion, images)
+            paired["fashion_fid"] = FrechetToReference(feats, self.fashion_ref)
+            scores["fashion_fid"] = paired["fashion_fid"]()
+            if labels is not None:
+                right = fashion_metrics.predict(self.fashion, images) == labels
+                scores["accuracy"] = float(right.mean())
+                paired["accuracy"] = right
+        return {k: float(v) if k != "n" else int(v) for k, v in scores.items()}, paired
+
+
+def compare(scores, paired, base_scores, base_paired, n_boot):
+    """Differences against the baseline; intervals for accuracy and the FIDs."""
+    out = {}
+    for key, value in scores.items():
+        if key == "n" or key not in base_scores:
+            continue
+        out[f"diff_{key}"] = value - base_scores[key]
+        if key in paired:
+            score = mean_score if key == "accuracy" else fid_of
+            res = paired_bootstrap(score, paired[key], base_paired[key], n_boot=n_boot, seed=0)
+            out[f"diff_{key}"] = res["difference"]
+            if res["ci"] is not None:
+                out[f"diff_{key}_ci_low"], out[f"diff_{key}_ci_high"] = res["ci"]
+    if "accuracy" in paired:
+        m = mcnemar(paired["accuracy"], base_paired["accuracy"])
+        out.update(right_only_here=m["right_only_in_a"], right_only_in_baseline=m["right_only_in_b"],
+                   mcnemar_p=m["p"])
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------
+
+
+def drawer(args, model, diffusion, sag, classifier, with_classifier):
+    """The BatchDrawer of one setting, as image_sample.py / classifier_sample.py build it."""
+    if not with_classifier:
+        return sampling.BatchDrawer(
+            diffusion, model, (3, args.image_size, args.image_size), dist_util.dev(),
+            sampling.sampler_settings(args), sag=sag, draw_labels=args.class_cond,
+            num_classes=args.num_classes)
+    cond_fn = sampling.make_cond_fn(classifier, args.classifier_scale) if args.classifier_guidance else None
+
+    def model_fn(x, t, y=None, **kwargs):
+        # Labels are drawn for the classifier; the model sees them if it is conditional.
+        return model(x, t, y if args.class_cond else None, **kwargs)
+
+    return sampling.BatchDrawer(
+        diffusion, model_fn, (3, args.image_size, args.image_size), dist_util.dev(),
+        sampling.sampler_settings(args), sag=sag, cond_fn=cond_fn, draw_labels=True,
+        num_classes=args.num_classes)
+
+
+def log0(line):
+    if dist_util.get_rank() == 0:
+        print(line, flush=True)
+
+
+def main(argv=None):
+    fixed, sweep, script, script_name = parse_args(argv)
+    with_classifier = script is classifier_sample
+    grid = parse_grid(sweep.grid, script.create_argparser())
+    settings, notes = settings_of(grid, fixed)
+    runs = [(s, setting_args(fixed, s)) for s in settings]
+    for s, args in runs:
+        check_setting(args, s, with_classifier)
+    dist_util.setup_dist()
+    log_dir = cli.on_rank0(_log_dir)
+    has_labels = with_classifier or bool(fixed.class_cond)
+    scorer = [None]
+
+    def make_scorer():
+        scorer[0] = Scorer(sweep, fixed, has_labels)
+
+    cli.on_rank0(make_scorer)
+    # The model once for the whole sweep; a SAG object per setting (all built,
+    # hence checked, before any sampling).
+    model, diffusion = cli.agree(model_from_args, fixed)
+    sags = [cli.agree(_sag_for, model, args, s) for s, args in runs]
+    classifier = None
+    if any(with_classifier and args.classifier_guidance for _, args in runs):
+        classifier = cli.agree(classifier_from_args, fixed)
+    for line in notes:
+        log0(line)
+    log0(f"sweep of {len(runs)} settings ({script_name}) into {log_dir}")
+
+    paths = []
+    for i, ((s, args), sag) in enumerate(zip(runs, sags)):
+        files = {"model_path": args.model_path}
+        if with_classifier and args.classifier_guidance:
+            files["classifier_path"] = args.classifier_path
+        drawn = []
+
+        def setup(setting_dir, args=args, sag=sag, drawn=drawn):
+            drawn.append(True)
+            draw = drawer(args, model, diffusion, sag, classifier, with_classifier)
+            return Batches(draw, sampling.describe_setup(args, model, diffusion, sag),
+                           sampling.sag_pictures(args, sag, diffusion, setting_dir))
+
+        log0(f"setting {i + 1}/{len(runs)}: {s['name']}")
+        path = sample_to_npz(args, script_name, args.image_size, has_labels, files, setup,
+                             log_dir=os.path.join(log_dir, SWEEP_DIR, s["name"]))
+        log0(f"setting {i + 1}/{len(runs)}: {s['name']}: "
+             + ("sampled" if drawn else "already complete, not redrawn"))
+        paths.append(path)
+    if dist_util.get_rank() != 0:
+        return None
+    rows = score_settings(runs, paths, scorer[0], sweep, log_dir, grid)
+    write_outputs(log_dir, rows, grid, fixed, sweep, script_name)
+    return rows
+
+
+def _log_dir():
+    return os.path.abspath(os.path.expanduser(default_log_dir()))
+
+
+def _sag_for(model, args, setting):
+    try:
+        return SelfAttentionGuidance.from_args(model, args)
+    except cli.UsageError as e:
+        raise cli.UsageError(f"--grid: setting {setting['name']}: {e}") from None
+
+
+def score_settings(runs, paths, scorer, sweep, log_dir, grid):
+    """One row per setting: its flags, scores and differences against its baseline."""
+    scored = [scorer.score(p) for p in paths]
+    settings = [s for s, _ in runs]
+    base_of = {s["group"]: i for i, s in enumerate(settings) if s["baseline"]}
+    rows = []
+    for (s, args), path, (scores, paired) in zip(runs, paths, scored):
+        row = dict(setting=s["name"], baseline=s["baseline"])
+        for flag, _ in grid:
+            row[flag] = s["shown"].get(flag)
+        row["guide_scale"] = float(args.guide_scale)
+        row["npz"] = os.path.relpath(path, log_dir)
+        row.update(scores)
+        b = base_of[s["group"]]
+        if not s["baseline"]:
+            row["baseline_setting"] = settings[b]["name"]
+            row.update(compare(scores, paired, scored[b][0], scored[b][1], sweep.bootstrap))
+        rows.append(row)
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if k != "n")
+        print(f"{s['name']}: {summary or 'no scores (pass --ref_batch)'}", flush=True)
+    return rows
+
+
+def write_outputs(log_dir, rows, grid, fixed, sweep, script_name):
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_write(os.path.join(log_dir, "sweep.csv"), "w") as f:
+        writer = csv.DictWriter(f, columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    atomic_json(os.path.join(log_dir, "sweep.json"),
+                dict(script=script_name, grid={f: v for f, v in grid},
+                     bootstrap=dict(resamples=sweep.bootstrap, seed=0, level=0.95),
+                     ref_batch=sweep.ref_batch or None, flags=vars(fixed), rows=rows),
+                indent=1, default=str)
+    print(f"wrote {os.path.join(log_dir, 'sweep.csv')} and sweep.json", flush=True)
+    print(plot(rows, os.path.join(log_dir, "sweep.png")), flush=True)
+
+
+def plot(rows, path):
+    """
+    sweep.png: FID (and accuracy) against guide_scale, one line per value of
+    the other flags, each baseline as a horizontal line. Returns a line for the log.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return PLOT_HINT
+    fid_key = "fid" if any("fid" in r for r in rows) else "fashion_fid"
+    keys = [k for k in (fid_key, "accuracy") if any(k in r for r in rows)]
+    if not keys:
+        return "sweep.png not written: no scores (pass --ref_batch)"
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
+    baselines = {r["setting"]: r for r in rows if r["baseline"]}
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
+    for ax, key in zip(axes[0], keys):
+        lines = {}
+        for r in rows:
+            if r["baseline"] or key not in r:
+                continue
+            label = ", ".join(f"{k}={v}" for k, v in _line_flags(r).items())
+            if label not in lines:  # every line starts at its baseline (guide_scale 1)
+                base = baselines[r["baseline_setting"]]
+                lines[label] = [(BASELINE_SCALE, base[key])] if key in base else []
+            lines[label].append((float(r["guide_scale"]), r[key]))
+        for n, (name, base) in enumerate(baselines.items()):
+            if key in base:
+                group = name.partition(",")[2]
+                ax.axhline(base[key], color="black", linewidth=1, linestyle=styles[n % len(styles)],
+                           label=f"no SAG {group}".strip())
+        for label, points in lines.items():
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                    label=label or "SAG")
+        ax.set_xlabel("guide_scale")
+        ax.set_ylabel(key)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def _line_flags(row):
+    """The flags of a row other than guide_scale (the flags that make a line)."""
+    flags = {}
+    for item in row["setting"].split(","):
+        flag, _, value = item.partition("=")
+        if flag != "guide_scale":
+            flags[flag] = value
+    return flags
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,363 @@
+"""
+scripts/sag_sweep.py on a tiny random model and a random FID Inception: a 2x2
+grid end to end, a sweep killed between settings and resumed, the pairing
+with image_sample.py, the bootstrap interval, the plot with and without
+matplotlib, and bad input.
+"""
+
+import csv
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch as th
+
+from conftest import MPIEXEC, ROOT, needs_mpiexec, random_state_dict, tiny_model
+from evaluations.evaluator import compute_statistics, frechet_distance
+from evaluations.paired_stats import (
+    FrechetReference,
+    FrechetToReference,
+    fid_of,
+    mcnemar,
+    mean_score,
+    paired_bootstrap,
+)
+
+SWEEP = os.path.join(ROOT, "scripts", "sag_sweep.py")
+TINY = (
+    "--image_size 16 --num_channels 32 --channel_mult 1,1 --num_res_blocks 1 "
+    "--attention_resolutions 8 --num_heads 2 --learn_sigma True --class_cond True "
+    "--num_classes 10 --timestep_respacing 4 --sel_attn_depth 0 --guide_scale 1.5 --blur_sigma 3 "
+    "--seed 5 --batch_size 2"
+)
+GRID = "guide_scale=1.0,2.0 blur_sigma=1,3"
+SETTINGS = ["guide_scale=1.0", "guide_scale=2.0,blur_sigma=1.0", "guide_scale=2.0,blur_sigma=3.0"]
+
+
+def env_for(logdir):
+    env = dict(os.environ)
+    env.update(OPENAI_LOGDIR=str(logdir), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               TQDM_DISABLE="1", PYTHONPATH=ROOT)
+    return env
+
+
+def run(script, flags, logdir, timeout=300, ranks=None):
+    cmd = [sys.executable, script] + shlex.split(flags)
+    if ranks:
+        cmd = [MPIEXEC, "-n", str(ranks)] + cmd
+    return subprocess.run(cmd, capture_output=True, text=True, env=env_for(logdir), timeout=timeout)
+
+
+def load_sweep_module():
+    spec = importlib.util.spec_from_file_location("sag_sweep_under_test", SWEEP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep_inputs")
+    model, _ = tiny_model(class_cond=True, num_classes=10)
+    th.save(model.state_dict(), d / "cond.pt")
+    th.save(random_state_dict(), d / "inception.pth")
+    rng = np.random.default_rng(0)
+    np.savez(d / "ref16.npz", rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    np.savez(d / "ref32.npz", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    return dict(model=str(d / "cond.pt"), inception=str(d / "inception.pth"),
+                ref16=str(d / "ref16.npz"), ref32=str(d / "ref32.npz"))
+
+
+@pytest.fixture(scope="module")
+def sweep(files, tmp_path_factory):
+    """The 2x2 grid end to end (the two baselines are one setting), 4 samples each."""
+    out = tmp_path_factory.mktemp("sweep")
+    res = run(SWEEP, f"{TINY} --model_path {files['model']} --num_samples 4 --grid '{GRID}' "
+                     f"--ref_batch {files['ref16']} --inception_path {files['inception']} "
+                     "--bootstrap 50", out)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return out, res
+
+
+def setting_npz(out, name, n=4):
+    return os.path.join(str(out), "settings", name, f"samples_{n}x16x16x3.npz")
+
+
+def load(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z}
+
+
+def test_grid_end_to_end(sweep):
+    out, res = sweep
+    assert sorted(os.listdir(out / "settings")) == sorted(SETTINGS)
+    samples = [load(setting_npz(out, name)) for name in SETTINGS]
+    for s in samples:
+        assert s["arr_0"].shape == (4, 16, 16, 3)
+        assert np.array_equal(s["arr_1"], samples[0]["arr_1"])  # paired: the same labels
+    assert not np.array_equal(samples[0]["arr_0"], samples[1]["arr_0"])  # SAG acted
+    assert not np.array_equal(samples[1]["arr_0"], samples[2]["arr_0"])  # blur_sigma acted
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["setting"] for r in rows] == SETTINGS
+    assert [r["guide_scale"] for r in rows] == ["1.0", "2.0", "2.0"]
+    assert [r["blur_sigma"] for r in rows] == ["", "1.0", "3.0"]
+    table = json.load(open(out / "sweep.json"))
+    assert [r["setting"] for r in table["rows"]] == SETTINGS
+    base, sag = table["rows"][0], table["rows"][1]
+    for key in ("fid", "sfid", "inception_score", "precision", "recall"):
+        assert np.isfinite(base[key]) and np.isfinite(sag[key])
+    assert "diff_fid" not in base
+    assert sag["baseline_setting"] == "guide_scale=1.0"
+    assert sag["diff_fid"] == pytest.approx(sag["fid"] - base["fid"], rel=1e-9, abs=1e-9)
+    assert sag["diff_fid_ci_low"] <= sag["diff_fid_ci_high"]
+    assert sag["diff_sfid"] == pytest.approx(sag["sfid"] - base["sfid"], rel=1e-9, abs=1e-9)
+    # sweep.png, or the one line saying how to get it
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "sweep.png").exists()
+    except ImportError:
+        assert not (out / "sweep.png").exists()
+        assert "pip install -e '.[plot]'" in res.stdout
+
+
+def test_fid_is_the_evaluators(sweep, files):
+    """The sweep's FID (computed without sqrtm) against the evaluator's on the same activations."""
+    from evaluations import evaluator
+    from evaluations.fid_inception import load_fid_inception
+
+    out, _ = sweep
+    ev = evaluator.Evaluator(load_fid_inception(files["inception"]), progress=False)
+    ref = ev.read_activations(evaluator.NpzBatch(files["ref16"]))[0]
+    acts = ev.read_activations(evaluator.NpzBatch(setting_npz(out, SETTINGS[1])))[0]
+    expected = frechet_distance(*compute_statistics(acts), *compute_statistics(ref), quiet=True)
+    got = json.load(open(out / "sweep.json"))["rows"][1]["fid"]
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_baseline_equals_image_sample(sweep, files, tmp_path):
+    """The no-SAG setting is image_sample.py --guide_scale 1.0 at the same seed, byte for byte."""
+    out, _ = sweep
+    res = run(os.path.join(ROOT, "scripts", "image_sample.py"),
+              f"{TINY} --model_path {files['model']} --num_samples 4 --guide_scale 1.0", tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    plain = load(str(tmp_path / "samples_4x16x16x3.npz"))
+    base = load(setting_npz(out, "guide_scale=1.0"))
+    assert plain["arr_0"].tobytes() == base["arr_0"].tobytes()
+    assert plain["arr_1"].tobytes() == base["arr_1"].tobytes()
+    # and a SAG setting is image_sample.py with its flags
+    res = run(os.path.join(ROOT, "scripts", "image_sample.py"),
+              f"{TINY} --model_path {files['model']} --num_samples 4 --guide_scale 2 --blur_sigma 1",
+              tmp_path / "sag")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (load(str(tmp_path / "sag" / "samples_4x16x16x3.npz"))["arr_0"].tobytes()
+            == load(setting_npz(out, SETTINGS[1]))["arr_0"].tobytes())
+
+
+def test_killed_sweep_resumes_without_redrawing(files, tmp_path):
+    flags = f"{TINY} --model_path {files['model']} --num_samples 6 --grid '{GRID}' --bootstrap 0"
+    out = tmp_path / "killed"
+    first_done = os.path.join(str(out), "settings", SETTINGS[0], "config.json")
+    proc = subprocess.Popen([sys.executable, SWEEP] + shlex.split(flags), env=env_for(out),
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if os.path.exists(first_done):  # the first setting is finished
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode != 0, "the sweep finished before it was killed"
+    assert os.path.exists(first_done)
+    assert not (out / "sweep.csv").exists()
+    res = run(SWEEP, flags, out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert f"setting 1/3: {SETTINGS[0]}: already complete, not redrawn" in lines
+    assert sum(line.endswith(": sampled") for line in lines) == 2
+    # Only the positions the killed run had not sampled were drawn now.
+    assert sum(line.startswith("sampled positions") for line in lines) <= 6
+    assert sum(line.startswith("sampled positions") for line in lines) >= 1
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert [r["setting"] for r in rows] == SETTINGS
+    # A third run draws nothing.
+    res = run(SWEEP, flags, out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("already complete, not redrawn") == 3
+    assert "sampled positions" not in res.stdout
+
+
+@needs_mpiexec
+def test_two_ranks_same_samples(sweep, files, tmp_path):
+    """mpiexec -n 2: every setting's npz equals the one-process sweep's; rank 0 alone scores."""
+    out, _ = sweep
+    res = run(SWEEP, f"{TINY} --model_path {files['model']} --num_samples 4 "
+                     "--grid 'guide_scale=1.0,2.0 blur_sigma=1' --bootstrap 0", tmp_path, ranks=2)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    for name in SETTINGS[:2]:
+        assert (load(setting_npz(tmp_path, name))["arr_0"].tobytes()
+                == load(setting_npz(out, name))["arr_0"].tobytes())
+        assert json.load(open(os.path.join(tmp_path, "settings", name, "config.json")))["world_size"] == 2
+    assert res.stdout.count("wrote " + str(tmp_path / "sweep.csv")) == 1
+    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    assert [r["setting"] for r in rows] == SETTINGS[:2]
+
+
+# ---------------------------------------------------------------------------
+# The paired statistics
+# ---------------------------------------------------------------------------
+
+
+def test_bootstrap_hand_computed():
+    # A constant shift of every pair: every resample gives the same difference.
+    a, b = np.array([1.0, 3.0, 4.0]), np.array([0.5, 2.5, 3.5])
+    res = paired_bootstrap(mean_score, a, b, n_boot=200, seed=3)
+    assert res["difference"] == pytest.approx(0.5)
+    assert res["ci"] == pytest.approx([0.5, 0.5])
+    # One position: nothing to resample.
+    res = paired_bootstrap(mean_score, np.array([1.0]), np.array([0.0]), n_boot=10)
+    assert res["difference"] == 1.0 and res["ci"] == [1.0, 1.0]
+    # Two positions, right/wrong vs wrong/wrong: the resampled accuracy
+    # difference is 0, 0.5 or 1 (probabilities 1/4, 1/2, 1/4), so with 2000
+    # resamples the 2.5 % and 97.5 % quantiles are 0 and 1.
+    res = paired_bootstrap(mean_score, np.array([1, 0]), np.array([0, 0]), n_boot=2000)
+    assert res["difference"] == 0.5 and res["ci"] == [0.0, 1.0]
+    assert paired_bootstrap(mean_score, a, b, n_boot=0)["ci"] is None
+    with pytest.raises(ValueError):
+        paired_bootstrap(mean_score, a, b[:2])
+
+
+def test_bootstrap_matches_float64_numpy():
+    """An independent implementation: resamples drawn as documented, np.cov, scipy's sqrtm FID."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    fa, fb = rng.normal(size=(12, 3)), rng.normal(size=(12, 3)) + 0.3
+    ref = rng.normal(size=(40, 3)) * [1.0, 2.0, 0.5]
+    mu_r, sigma_r = ref.mean(0), np.cov(ref, rowvar=False)
+
+    def fid(x):
+        mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+        covmean = linalg.sqrtm(sigma @ sigma_r).real
+        return float(((mu - mu_r) ** 2).sum() + np.trace(sigma) + np.trace(sigma_r) - 2 * np.trace(covmean))
+
+    draw = np.random.default_rng(7)
+    diffs = []
+    for _ in range(100):
+        idx = draw.integers(0, 12, 12)
+        diffs.append(fid(fa[idx]) - fid(fb[idx]))
+    reference = FrechetReference(mu_r, sigma_r)
+    res = paired_bootstrap(fid_of, FrechetToReference(fa, reference),
+                           FrechetToReference(fb, reference), n_boot=100, seed=7)
+    assert res["difference"] == pytest.approx(fid(fa) - fid(fb), rel=1e-8)
+    assert res["ci"] == pytest.approx([np.percentile(diffs, 2.5), np.percentile(diffs, 97.5)],
+                                      rel=1e-7)
+
+
+def test_frechet_to_reference_is_the_evaluators():
+    rng = np.random.default_rng(2)
+    feats, ref = rng.normal(size=(30, 8)), rng.normal(size=(50, 8)) * 1.5 + 0.2
+    stats = compute_statistics(ref)
+    fid = FrechetToReference(feats, FrechetReference(*stats))
+    assert fid() == pytest.approx(frechet_distance(*compute_statistics(feats), *stats, quiet=True),
+                                  rel=1e-9)
+    idx = rng.integers(0, 30, 30)
+    assert fid(idx) == pytest.approx(
+        frechet_distance(*compute_statistics(feats[idx]), *stats, quiet=True), rel=1e-9)
+
+
+def test_mcnemar_hand_computed():
+    m = mcnemar([1, 1, 1, 0, 0], [0, 0, 1, 0, 1])
+    # 2 right here only, 1 right in the base only: p = 2 * P(X <= 1), X ~ Bin(3, 1/2) = 2 * 4/8
+    assert m == dict(right_only_in_a=2, right_only_in_b=1, p=1.0)
+    m = mcnemar([1] * 6, [0] * 6)
+    assert m["p"] == pytest.approx(2 / 64)
+    assert mcnemar([1, 0], [1, 0])["p"] == 1.0
+
+
+# ---------------------------------------------------------------------------
+# The plot, with and without matplotlib
+# ---------------------------------------------------------------------------
+
+ROWS = [
+    dict(setting="guide_scale=1.0", baseline=True, guide_scale=1.0, fid=10.0, accuracy=0.5),
+    dict(setting="guide_scale=1.5,blur_sigma=1.0", baseline=False, guide_scale=1.5, fid=9.0,
+         accuracy=0.4, baseline_setting="guide_scale=1.0"),
+    dict(setting="guide_scale=2.0,blur_sigma=1.0", baseline=False, guide_scale=2.0, fid=8.0,
+         accuracy=0.3, baseline_setting="guide_scale=1.0"),
+]
+
+
+def test_plot_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    sweep = load_sweep_module()
+    line = sweep.plot(ROWS, str(tmp_path / "sweep.png"))
+    assert line == f"wrote {tmp_path / 'sweep.png'}"
+    with open(tmp_path / "sweep.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    sweep = load_sweep_module()
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    line = sweep.plot(ROWS, str(tmp_path / "sweep.png"))
+    assert line == "sweep.png not written: matplotlib is not installed (pip install -e '.[plot]')"
+    assert not (tmp_path / "sweep.png").exists()
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line, exit 2, before any sampling, nothing left behind
+# ---------------------------------------------------------------------------
+
+SWEEPABLE = ("sweepable: guide_scale, blur_sigma, sel_attn_block, sel_attn_depth, guide_start, "
+             "sag_true_attention, use_ddim, eta, clip_denoised, classifier_scale, classifier_guidance")
+
+
+@pytest.mark.parametrize("grid, extra, message", [
+    ("foo=1,2", "", f"--grid: unknown flag 'foo' ({SWEEPABLE})"),
+    ("guide_scale=1.0,abc", "", "--grid: guide_scale cannot take 'abc' (expects float)"),
+    ("sel_attn_depth=1.5", "", "--grid: sel_attn_depth cannot take '1.5' (expects int)"),
+    ("", "", f"--grid is empty; give flag=v1,v2,... items, e.g. \"guide_scale=1.0,1.5\" ({SWEEPABLE})"),
+    ("guide_scale", "", "--grid: 'guide_scale' is not flag=v1,v2,..."),
+    ("guide_scale=1.0,1.0", "", "--grid: guide_scale lists '1.0' twice"),
+    ("blur_sigma=1,-2", "", "--grid: setting blur_sigma=-2.0: --blur_sigma must be a number > 0, got -2.0"),
+    ("guide_scale=2 sel_attn_depth=0,3", "",
+     "--grid: setting guide_scale=2.0,sel_attn_depth=3: output_blocks[3] has no attention layer"),
+    ("guide_scale=1.0 classifier_guidance=False,True", "",
+     "--grid: setting guide_scale=1.0,classifier_guidance=True needs --classifier_path"),
+    ("guide_scale=1.0,2.0", "--classifier_guidance True",
+     "--classifier_guidance True needs --classifier_path"),
+    ("guide_scale=1.0,2.0", "--ref_batch {ref32}",
+     "--ref_batch {ref32} holds 32x32 images but the samples are 16x16 (--image_size 16)"),
+])
+def test_bad_input_one_line(files, tmp_path, grid, extra, message):
+    out = tmp_path / "out"
+    flags = (f"{TINY} --model_path {files['model']} --num_samples 4 --grid '{grid}' "
+             f"--inception_path {files['inception']} " + extra.format(**files))
+    res = run(SWEEP, flags, out)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(errors) == 1, res.stderr[-2000:]
+    assert errors[0].startswith("error: " + message.format(**files)), errors[0]
+    assert "sampled positions" not in res.stdout
+    assert not out.exists() or not os.listdir(out)
