@@ -493,6 +493,19 @@ def args_to_dict(args, keys):
     return {k: getattr(args, k) for k in keys}
 
 
+def keyword_defaults(fn, exclude=()):
+    """
+    The arguments of `fn` that have a default, with it, in signature order
+    (less `exclude`): for flags whose defaults are those of the function
+    they are passed to.
+    """
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is not p.empty and name not in exclude
+    }
+
+
 def str2bool(v):
     """
     https://stackoverflow.com/questions/15008758/parsing-boolean-values-with-argparse

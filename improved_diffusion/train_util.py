@@ -24,7 +24,7 @@ from .file_util import atomic_torch_save
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
-from .script_util import cpu_supports_bf16
+from .script_util import cpu_supports_bf16, keyword_defaults
 
 
 class TrainLoop:
@@ -34,19 +34,21 @@ class TrainLoop:
         model,
         diffusion,
         data,
-        batch_size,
-        microbatch,
-        lr,
-        ema_rate,
-        log_interval,
-        save_interval,
-        resume_checkpoint,
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
         schedule_sampler=None,
+        # The defaults of scripts/image_train.py's flags (train_loop_defaults()).
+        lr=1e-4,
         weight_decay=0.0,
         lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,
+        ema_rate="0.9999",
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
         max_steps=0,
+        # Not upstream; each default keeps upstream's behaviour.
         lr_warmup_steps=0,
         lr_cosine_steps=0,
         lr_final=0.0,
@@ -320,6 +322,15 @@ class TrainLoop:
             atomic_torch_save(opt_state, bf.join(logdir, f"opt{global_step:06d}.pt"))
 
         dist_util.barrier()
+
+
+def train_loop_defaults():
+    """
+    TrainLoop's settings that scripts/image_train.py takes as flags, with
+    TrainLoop's defaults (schedule_sampler and seed, objects here, are flags
+    of their own there).
+    """
+    return keyword_defaults(TrainLoop, exclude=("schedule_sampler", "seed"))
 
 
 def learning_rate(steps_done, base, anneal_steps=0, warmup_steps=0, cosine_steps=0, final=0.0):

@@ -39,6 +39,7 @@ from improved_diffusion.script_util import (  # noqa: E402
     args_to_dict,
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
+    keyword_defaults,
     write_model_card,
 )
 from improved_diffusion.train_util import (  # noqa: E402
@@ -69,21 +70,22 @@ class ClassifierTrainer:
         model,
         diffusion,
         data,
-        batch_size,
-        iterations,
+        val_data=None,
+        use_fp16=False,
+        card_flags=None,
+        # The defaults of this script's flags (trainer_defaults()).
+        noised=True,
+        iterations=150000,
         lr=3e-4,
         weight_decay=0.0,
         anneal_lr=False,
+        batch_size=4,
         microbatch=-1,
-        noised=True,
         schedule_sampler=None,
-        val_data=None,
+        resume_checkpoint="",
         log_interval=10,
         eval_interval=5,
         save_interval=10000,
-        resume_checkpoint="",
-        use_fp16=False,
-        card_flags=None,
     ):
         """
         :param data: an iterator of (NCHW images in [-1, 1], {"y": labels}).
@@ -92,6 +94,7 @@ class ClassifierTrainer:
         :param microbatch: split each batch into chunks of this size for the
             forward/backward passes (gradients accumulate); <= 0 disables.
         :param noised: diffuse each batch to a sampled timestep first.
+        :param schedule_sampler: where the timesteps come from (None: uniform).
         :param anneal_lr: lr decays linearly from `lr` to 0 over `iterations`.
         :param resume_checkpoint: a ``modelNNNNNN.pt`` to resume from, or "".
         :param card_flags: flags written as a model card next to each model
@@ -303,48 +306,35 @@ def main(argv=None):
         )
 
     logger.log("training classifier model...")
+    settings = args_to_dict(args, trainer_defaults().keys())
+    settings["schedule_sampler"] = schedule_sampler
     trainer = ClassifierTrainer(
         model=model,
         diffusion=diffusion,
         data=data,
         val_data=val_data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        iterations=args.iterations,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        anneal_lr=args.anneal_lr,
-        noised=args.noised,
-        schedule_sampler=schedule_sampler,
-        log_interval=args.log_interval,
-        eval_interval=args.eval_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
         use_fp16=args.classifier_use_fp16,
         card_flags=flags,
+        **settings,
     )
     trainer.run_loop()
     return trainer
 
 
+def trainer_defaults():
+    """
+    ClassifierTrainer's settings that this script takes as flags, with its
+    defaults (schedule_sampler by name here, an object there).
+    """
+    flags = keyword_defaults(ClassifierTrainer, exclude=("val_data", "use_fp16", "card_flags"))
+    flags["schedule_sampler"] = "uniform"
+    return flags
+
+
 def create_argparser():
-    defaults = dict(
-        data_dir="",
-        val_data_dir="",
-        noised=True,
-        iterations=150000,
-        lr=3e-4,
-        weight_decay=0.0,
-        anneal_lr=False,
-        batch_size=4,
-        microbatch=-1,
-        schedule_sampler="uniform",
-        resume_checkpoint="",
-        log_interval=10,
-        eval_interval=5,
-        save_interval=10000,
-        random_crop=True,
-    )
+    defaults = dict(data_dir="", val_data_dir="")
+    defaults.update(trainer_defaults())
+    defaults.update(random_crop=True)
     defaults.update(classifier_and_diffusion_defaults())
     parser = argparse.ArgumentParser(description="Train a noised image classifier.")
     add_dict_to_argparser(parser, defaults)

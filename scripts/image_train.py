@@ -24,6 +24,7 @@ from improved_diffusion.script_util import (  # noqa: E402
 from improved_diffusion.train_util import (  # noqa: E402
     TrainLoop,
     parse_resume_step_from_filename,
+    train_loop_defaults,
 )
 
 
@@ -72,26 +73,9 @@ def main(argv=None):
         model=model,
         diffusion=diffusion,
         data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
         schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        max_steps=args.max_steps,
-        lr_warmup_steps=args.lr_warmup_steps,
-        lr_cosine_steps=args.lr_cosine_steps,
-        lr_final=args.lr_final,
-        ema_warmup=args.ema_warmup,
-        bf16_autocast=args.bf16_autocast,
-        init_checkpoint=args.init_checkpoint,
         seed=seed,
+        **args_to_dict(args, train_loop_defaults().keys()),
     ).run_loop()
 
 
@@ -113,28 +97,9 @@ def flag_conflict(args):
 
 
 def create_argparser():
-    defaults = dict(
-        data_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,
-        microbatch=-1,  # -1 disables microbatches
-        ema_rate="0.9999",  # comma-separated list of EMA values
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-        max_steps=0,
-        # Not upstream; each default keeps upstream's behaviour (see TrainLoop).
-        lr_warmup_steps=0,
-        lr_cosine_steps=0,
-        lr_final=0.0,
-        ema_warmup=False,
-        bf16_autocast=False,
-        init_checkpoint="",
+    defaults = dict(data_dir="", schedule_sampler="uniform")
+    defaults.update(train_loop_defaults())
+    defaults.update(
         random_flip=True,
         data_in_memory=False,
         seed=-1,  # >= 0: every step's randomness from (seed, step): exact resume
