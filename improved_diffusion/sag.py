@@ -33,6 +33,10 @@ def sag_defaults():
     )
 
 
+# SelfAttentionGuidance's defaults are those of the flags that set them.
+FLAG_DEFAULTS = sag_defaults()
+
+
 def valid_choices(model):
     """A readable list of the blocks of `model` that have attention."""
     blocks = model.attention_blocks()
@@ -73,13 +77,13 @@ class SelfAttentionGuidance:
     def __init__(
         self,
         model,
-        scale=1.5,
-        start=250,
-        block="output",
-        depth=2,
-        blur_sigma=9.0,
+        scale=FLAG_DEFAULTS["guide_scale"],
+        start=FLAG_DEFAULTS["guide_start"],
+        block=FLAG_DEFAULTS["sel_attn_block"],
+        depth=FLAG_DEFAULTS["sel_attn_depth"],
+        blur_sigma=FLAG_DEFAULTS["blur_sigma"],
         num_heads=None,
-        true_attention=False,
+        true_attention=FLAG_DEFAULTS["sag_true_attention"],
         separable_blur=True,
     ):
         scale = float(scale)
@@ -134,7 +138,9 @@ class SelfAttentionGuidance:
                 depth=args.sel_attn_depth,
                 blur_sigma=args.blur_sigma,
                 num_heads=getattr(args, "num_heads", None),
-                true_attention=getattr(args, "sag_true_attention", False),
+                true_attention=getattr(
+                    args, "sag_true_attention", FLAG_DEFAULTS["sag_true_attention"]
+                ),
             )
         except SAGConfigError as e:
             raise UsageError(str(e)) from None
