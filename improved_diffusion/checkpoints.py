@@ -98,31 +98,21 @@ def _unreadable(path, flag, exc):
     )
 
 
-# Generic roles -> the flag that sets them, for the diffusion UNet and the classifier.
-MODEL_FLAG_NAMES = dict(
-    channels="--num_channels",
-    res_blocks="--num_res_blocks",
-    attention="--attention_resolutions",
-    mult="--channel_mult",
-    class_cond="--class_cond",
-    num_classes="--num_classes",
-    sigma="--learn_sigma",
-    scale_shift="--use_scale_shift_norm",
-    updown="--resblock_updown",
-    head="--learn_sigma",
+# Generic roles -> the flag that sets them: (diffusion UNet, classifier).
+FLAGS_BY_ROLE = dict(
+    channels=("--num_channels", "--classifier_width"),
+    res_blocks=("--num_res_blocks", "--classifier_depth"),
+    attention=("--attention_resolutions", "--classifier_attention_resolutions"),
+    mult=("--channel_mult", "--image_size"),
+    class_cond=("--class_cond", "--num_classes"),
+    num_classes=("--num_classes", "--num_classes"),
+    sigma=("--learn_sigma", "--num_classes"),
+    scale_shift=("--use_scale_shift_norm", "--classifier_use_scale_shift_norm"),
+    updown=("--resblock_updown", "--classifier_resblock_updown"),
+    head=("--learn_sigma", "--classifier_pool"),
 )
-CLASSIFIER_FLAG_NAMES = dict(
-    channels="--classifier_width",
-    res_blocks="--classifier_depth",
-    attention="--classifier_attention_resolutions",
-    mult="--image_size",
-    class_cond="--num_classes",
-    num_classes="--num_classes",
-    sigma="--num_classes",
-    scale_shift="--classifier_use_scale_shift_norm",
-    updown="--classifier_resblock_updown",
-    head="--classifier_pool",
-)
+MODEL_FLAG_NAMES = {role: flags[0] for role, flags in FLAGS_BY_ROLE.items()}
+CLASSIFIER_FLAG_NAMES = {role: flags[1] for role, flags in FLAGS_BY_ROLE.items()}
 
 
 def _shape(t):
