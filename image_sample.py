@@ -3,11 +3,7 @@ Entry point kept at the top level so the seed's commands work as written
 (`mpiexec -n 8 python image_sample.py ...`); the script itself is scripts/image_sample.py.
 """
 
-import os
-import runpy
-
 if __name__ == "__main__":
-    runpy.run_path(
-        os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "image_sample.py"),
-        run_name="__main__",
-    )
+    from improved_diffusion.cli import run_script
+
+    run_script("image_sample.py")

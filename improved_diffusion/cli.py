@@ -11,6 +11,7 @@ ranks stop at the same point and only rank 0 prints the line.
 import argparse
 import math
 import os
+import runpy
 import sys
 
 from . import dist_util
@@ -171,6 +172,14 @@ def validate_sample_args(args):
 # ---------------------------------------------------------------------------
 # Script entry point
 # ---------------------------------------------------------------------------
+
+
+def run_script(name):
+    """
+    Run scripts/`name` as ``__main__``: the top-level entry points that keep
+    the seed's commands (``python image_sample.py ...``) working.
+    """
+    runpy.run_path(os.path.join(REPO_ROOT, "scripts", name), run_name="__main__")
 
 
 def run_main(main, argv=None):

@@ -486,3 +486,21 @@ def test_script_error_is_one_line_and_exit_2(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip() == "error: --batch_size must be > 0, got 0"
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["image_sample.py", "classifier_sample.py"])
+def test_top_level_entry_points_run_their_scripts(name, tmp_path):
+    """The seed's `python image_sample.py ...` runs scripts/image_sample.py, from any folder."""
+    env = dict(os.environ, COLUMNS="100", OMP_NUM_THREADS="1")
+    outs = []
+    for path in (os.path.join(ROOT, name), os.path.join(ROOT, "scripts", name)):
+        res = subprocess.run([sys.executable, path, "--num_samples", "0"], cwd=tmp_path,
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert res.stderr.strip() == "error: --num_samples must be > 0, got 0"
+        res = subprocess.run([sys.executable, path, "--help"], cwd=tmp_path,
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs.append(res.stdout)
+    assert outs[0] == outs[1]
+    assert "--guide_scale" in outs[0]
