@@ -27,7 +27,30 @@ from .resample import LossAwareSampler, UniformSampler
 from .script_util import cpu_supports_bf16, keyword_defaults
 
 
-class TrainLoop:
+class Trainer:
+    """
+    What the training loops here share: the model, its diffusion and data,
+    the split of each batch into microbatches, and the step counters (see
+    the module docstring). TrainLoop trains the diffusion model;
+    scripts/classifier_train.py's ClassifierTrainer a noisy-image classifier.
+
+    :param batch_size: the per-rank batch size.
+    :param microbatch: split each batch into chunks of this size for the
+        forward/backward passes (gradients accumulate); <= 0 disables.
+    """
+
+    def __init__(self, model, diffusion, data, batch_size, microbatch):
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.global_batch = batch_size * dist_util.get_world_size()
+        self.step = 0
+        self.resume_step = 0
+
+
+class TrainLoop(Trainer):
     def __init__(
         self,
         *,
@@ -59,9 +82,7 @@ class TrainLoop:
     ):
         """
         :param data: an iterator of (batch, cond) pairs, as from load_data().
-        :param batch_size: the per-rank batch size.
-        :param microbatch: split each batch into chunks of this size for the
-            forward/backward passes (gradients accumulate); <= 0 disables.
+        :param batch_size, microbatch: see Trainer.
         :param ema_rate: a float or a comma-separated string of floats.
         :param resume_checkpoint: path of a ``modelNNNNNN.pt`` to resume from
             (the matching ``optNNNNNN.pt`` and ``ema_<rate>_NNNNNN.pt`` next to
@@ -92,11 +113,7 @@ class TrainLoop:
             raise ValueError("--init_checkpoint starts a new run and --resume_checkpoint continues one; pass one")
         if bf16_autocast and use_fp16:
             raise ValueError("--bf16_autocast and --use_fp16 are two mixed-precision modes; pass one")
-        self.model = model
-        self.diffusion = diffusion
-        self.data = data
-        self.batch_size = batch_size
-        self.microbatch = microbatch if microbatch > 0 else batch_size
+        super().__init__(model, diffusion, data, batch_size, microbatch)
         self.lr = lr
         self.ema_rate = (
             [float(ema_rate)]
@@ -123,10 +140,6 @@ class TrainLoop:
         self.bf16_autocast = bf16_autocast
         self.init_checkpoint = init_checkpoint
         self.seed = seed
-
-        self.step = 0
-        self.resume_step = 0
-        self.global_batch = self.batch_size * dist_util.get_world_size()
 
         self._load_and_sync_parameters()
         self.mp_trainer = MixedPrecisionTrainer(
@@ -316,10 +329,8 @@ class TrainLoop:
             save_checkpoint(0, self.mp_trainer.master_params)
             for rate, params in zip(self.ema_rate, self.ema_params):
                 save_checkpoint(rate, params)
-            opt_state = self.opt.state_dict()
-            if self.use_fp16:
-                opt_state["lg_loss_scale"] = float(self.mp_trainer.lg_loss_scale)
-            atomic_torch_save(opt_state, bf.join(logdir, f"opt{global_step:06d}.pt"))
+            opt_path = bf.join(logdir, f"opt{global_step:06d}.pt")
+            save_optimizer_state(self.opt, self.mp_trainer, opt_path)
 
         dist_util.barrier()
 
@@ -407,6 +418,14 @@ def load_optimizer_state(opt, mp_trainer, path):
     if mp_trainer.use_fp16 and lg_loss_scale is not None:
         mp_trainer.lg_loss_scale = float(lg_loss_scale)
     opt.load_state_dict(state_dict)
+
+
+def save_optimizer_state(opt, mp_trainer, path):
+    """Write `opt`'s state to optNNNNNN `path`, with the loss scale of fp16 runs."""
+    state_dict = opt.state_dict()
+    if mp_trainer.use_fp16:
+        state_dict["lg_loss_scale"] = float(mp_trainer.lg_loss_scale)
+    atomic_torch_save(state_dict, path)
 
 
 class StepRateLogger:

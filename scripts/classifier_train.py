@@ -44,9 +44,11 @@ from improved_diffusion.script_util import (  # noqa: E402
 )
 from improved_diffusion.train_util import (  # noqa: E402
     StepRateLogger,
+    Trainer,
     load_optimizer_state,
     log_loss_dict,
     parse_resume_step_from_filename,
+    save_optimizer_state,
     wrap_ddp,
 )
 
@@ -54,7 +56,7 @@ from improved_diffusion.train_util import (  # noqa: E402
 CLASSIFIER_INITIAL_LG_LOSS_SCALE = 16.0
 
 
-class ClassifierTrainer:
+class ClassifierTrainer(Trainer):
     """
     The loop of guided-diffusion's classifier_train.py, as an object so that
     tests can drive it with in-memory data.
@@ -90,9 +92,7 @@ class ClassifierTrainer:
         """
         :param data: an iterator of (NCHW images in [-1, 1], {"y": labels}).
         :param val_data: the same for validation batches, or None.
-        :param batch_size: the per-rank batch size.
-        :param microbatch: split each batch into chunks of this size for the
-            forward/backward passes (gradients accumulate); <= 0 disables.
+        :param batch_size, microbatch: see train_util.Trainer.
         :param noised: diffuse each batch to a sampled timestep first.
         :param schedule_sampler: where the timesteps come from (None: uniform).
         :param anneal_lr: lr decays linearly from `lr` to 0 over `iterations`.
@@ -100,12 +100,8 @@ class ClassifierTrainer:
         :param card_flags: flags written as a model card next to each model
             checkpoint (None: no card).
         """
-        self.model = model
-        self.diffusion = diffusion
-        self.data = data
+        super().__init__(model, diffusion, data, batch_size, microbatch)
         self.val_data = val_data
-        self.batch_size = batch_size
-        self.microbatch = microbatch if microbatch > 0 else batch_size
         self.iterations = iterations
         self.lr = lr
         self.anneal_lr = anneal_lr
@@ -119,10 +115,7 @@ class ClassifierTrainer:
         self.resume_checkpoint = resume_checkpoint
         self.use_fp16 = use_fp16
         self.card_flags = card_flags
-        self.global_batch = batch_size * dist_util.get_world_size()
 
-        self.step = 0
-        self.resume_step = 0
         if resume_checkpoint:
             self.resume_step = parse_resume_step_from_filename(resume_checkpoint)
             logger.log(f"loading model from checkpoint: {resume_checkpoint}... "
@@ -241,10 +234,7 @@ class ClassifierTrainer:
             model_path = bf.join(logdir, f"model{step:06d}.pt")
             state = self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
             atomic_torch_save(state, model_path)
-            opt_state = self.opt.state_dict()
-            if self.use_fp16:
-                opt_state["lg_loss_scale"] = float(self.mp_trainer.lg_loss_scale)
-            atomic_torch_save(opt_state, bf.join(logdir, f"opt{step:06d}.pt"))
+            save_optimizer_state(self.opt, self.mp_trainer, bf.join(logdir, f"opt{step:06d}.pt"))
             if self.card_flags is not None and "://" not in model_path:
                 write_model_card(model_path, self.card_flags, step=step)
         dist_util.barrier()
