@@ -228,6 +228,8 @@ def test_golden_headch16_is_ill_conditioned():
         moved, moved_mass = draw_with_key_mass(HEADCH16, perturb_seed=seed)
         change = (moved_mass - mass).abs().amax(dim=(1, 2))
         assert change[0] < 1e-4 and change[-1] > 1e-2, (seed, change)
+        # More than sample 1's float64 margin at the fifth step (test_golden_headch16_in_float64).
+        assert change[4] > 5e-3, (seed, change)
         assert max(per_sample_means(moved, images)) > 0.05, seed
 
 
@@ -244,9 +246,9 @@ def test_golden_headch16_in_float64(monkeypatch):
     kept = [0, 2, 3]
     mean, frac = diff_stats(images[kept], want[kept])
     assert mean <= 0.05 and frac <= 0.001, (mean, frac)
-    # The fifth guided step (respaced index 3): one float32 ulp in the weights
-    # moves the mass there by about 1e-2 to 3e-2 (test_golden_headch16_is_ill_conditioned).
-    assert abs(float(mass[4, 1, 15]) - 1) < 1e-2, float(mass[4, 1, 15])
+    # Sample 1, the fifth guided step (respaced index 3), key 15: one float32 ulp
+    # in the weights moves the mass there by more (test_golden_headch16_is_ill_conditioned).
+    assert abs(float(mass[4, 1, 15]) - 1) < 5e-3, float(mass[4, 1, 15])
 
 
 def test_golden_headch16_within_rounding_spread(tmp_path):
