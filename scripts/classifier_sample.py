@@ -42,20 +42,8 @@ def main(argv=None):
     def setup(log_dir):
         model, diffusion = cli.agree(model_from_args, args)
         sag = cli.agree(SelfAttentionGuidance.from_args, model, args)
-        cond_fn = None
-        if guided:
-            classifier = cli.agree(classifier_from_args, args)
-            cond_fn = sampling.make_cond_fn(classifier, args.classifier_scale)
-
-        def model_fn(x, t, y=None, **kwargs):
-            # Labels are drawn for the classifier; the model sees them if it is conditional.
-            return model(x, t, y if args.class_cond else None, **kwargs)
-
-        draw = sampling.BatchDrawer(
-            diffusion, model_fn, (3, args.image_size, args.image_size), dist_util.dev(),
-            sampling.sampler_settings(args), sag=sag, cond_fn=cond_fn, draw_labels=True,
-            num_classes=args.num_classes,
-        )
+        classifier = cli.agree(classifier_from_args, args) if guided else None
+        draw = make_drawer(args, model, diffusion, sag, classifier)
 
         guidance = (
             f"classifier guidance: scale {args.classifier_scale}, {args.classifier_path}"
@@ -67,6 +55,27 @@ def main(argv=None):
     path = sample_to_npz(args, "classifier_sample", args.image_size, True, files, setup)
     if path:
         print(path, flush=True)
+
+
+def make_drawer(args, model, diffusion, sag, classifier):
+    """
+    How this script draws one batch (also used by scripts/sag_sweep.py):
+    labels drawn for every position, classifier guidance when
+    --classifier_guidance is on (`classifier` given).
+    """
+    cond_fn = None
+    if args.classifier_guidance:
+        cond_fn = sampling.make_cond_fn(classifier, args.classifier_scale)
+
+    def model_fn(x, t, y=None, **kwargs):
+        # Labels are drawn for the classifier; the model sees them if it is conditional.
+        return model(x, t, y if args.class_cond else None, **kwargs)
+
+    return sampling.BatchDrawer(
+        diffusion, model_fn, (3, args.image_size, args.image_size), dist_util.dev(),
+        sampling.sampler_settings(args), sag=sag, cond_fn=cond_fn, draw_labels=True,
+        num_classes=args.num_classes,
+    )
 
 
 def create_argparser():

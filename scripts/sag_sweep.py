@@ -341,22 +341,10 @@ def compare(scores, paired, base_scores, base_paired, n_boot):
 
 
 def drawer(args, model, diffusion, sag, classifier, with_classifier):
-    """The BatchDrawer of one setting, as image_sample.py / classifier_sample.py build it."""
-    if not with_classifier:
-        return sampling.BatchDrawer(
-            diffusion, model, (3, args.image_size, args.image_size), dist_util.dev(),
-            sampling.sampler_settings(args), sag=sag, draw_labels=args.class_cond,
-            num_classes=args.num_classes)
-    cond_fn = sampling.make_cond_fn(classifier, args.classifier_scale) if args.classifier_guidance else None
-
-    def model_fn(x, t, y=None, **kwargs):
-        # Labels are drawn for the classifier; the model sees them if it is conditional.
-        return model(x, t, y if args.class_cond else None, **kwargs)
-
-    return sampling.BatchDrawer(
-        diffusion, model_fn, (3, args.image_size, args.image_size), dist_util.dev(),
-        sampling.sampler_settings(args), sag=sag, cond_fn=cond_fn, draw_labels=True,
-        num_classes=args.num_classes)
+    """The BatchDrawer of one setting, built by the script the sweep stands for."""
+    if with_classifier:
+        return classifier_sample.make_drawer(args, model, diffusion, sag, classifier)
+    return image_sample.make_drawer(args, model, diffusion, sag)
 
 
 def log0(line):
