@@ -16,7 +16,7 @@ import sys
 
 from . import dist_util
 from .model_card import read_model_card
-from .script_util import add_dict_to_argparser
+from .script_util import add_dict_to_argparser, check_norm_groups
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL_PATH = os.path.join("models", "fashion32_ema.pt")
@@ -163,6 +163,11 @@ def validate_sample_args(args):
         raise pure_usage_error(f"--blur_sigma must be a number > 0, got {args.blur_sigma}")
     if not (_finite(args.eta) and args.eta >= 0):
         raise pure_usage_error(f"--eta must be a finite number >= 0, got {args.eta}")
+    if hasattr(args, "norm_groups"):
+        try:
+            check_norm_groups(args.norm_groups, args.num_channels, args.channel_mult, args.image_size)
+        except ValueError as e:
+            raise pure_usage_error(str(e)) from None
     if hasattr(args, "classifier_scale") and not _finite(args.classifier_scale):
         raise pure_usage_error(
             f"--classifier_scale must be a finite number, got {args.classifier_scale}"
@@ -195,7 +200,7 @@ def run_main(main, argv=None):
     """
     try:
         result = main(argv)
-        _close_process_group()
+        dist_util.close_process_group()
         return result
     except UsageError as e:
         rank, world = dist_util.get_rank(), dist_util.get_world_size()
@@ -205,16 +210,5 @@ def run_main(main, argv=None):
         sys.stderr.flush()
         if world > 1 and not e.agreed:
             os._exit(2)
-        _close_process_group()
+        dist_util.close_process_group()
         sys.exit(2)
-
-
-def _close_process_group():
-    """Every rank leaves together: take the process group down cleanly first."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # leaving anyway
-            pass

@@ -26,6 +26,7 @@ an error rather than hang.  Under MPI an uncaught exception additionally calls
 Nothing happens on import: scripts call :func:`setup_dist` explicitly.
 """
 
+import atexit
 import datetime
 import io
 import os
@@ -235,6 +236,19 @@ def _init_process_group(backend, timeout, **kwargs):
         # Make a dead peer surface as an error instead of a hang.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    # A process that exits with the group still up can abort in the C++
+    # destructors of its communication threads ("terminate called without an
+    # active exception", exit status 6 under mpiexec): close it first.
+    atexit.register(close_process_group)
+
+
+def close_process_group():
+    """Take the process group down cleanly (idempotent; a no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # leaving anyway
+            pass
 
 
 def _install_mpi_excepthook(comm):
