@@ -29,6 +29,27 @@ def read_model_card(model_path):
     return dict(card.get("flags", {}))
 
 
+# Flags a training run records that sampling chooses for itself.
+_SAMPLING_CHOICES = ("timestep_respacing", "use_fp16", "use_checkpoint")
+
+
+def run_flags(checkpoint_path):
+    """
+    The flags that fix the network and its diffusion, from the training run a
+    checkpoint comes from: the ``model_flags.json`` that
+    ``scripts/image_train.py`` writes into its log directory, beside the
+    checkpoints; {} when there is none. The run's choices that sampling makes
+    for itself (respacing, half precision, gradient checkpointing) are left out.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "model_flags.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        flags = json.load(f).get("flags", {})
+    return {k: v for k, v in flags.items() if k not in _SAMPLING_CHOICES}
+
+
+
 def flags_with_card(model_path, defaults):
     """`defaults` (a dict of flags) with the values the model card sets for its keys."""
     flags = dict(defaults)

@@ -88,14 +88,15 @@ def mean_flat(tensor):
     return tensor.mean(dim=list(range(1, len(tensor.shape))))
 
 
-def normalization(channels):
+def normalization(channels, groups=32):
     """
     Make a standard normalization layer.
 
     :param channels: number of input channels.
+    :param groups: number of GroupNorm groups (upstream: always 32).
     :return: an nn.Module for normalization.
     """
-    return GroupNorm32(32, channels)
+    return GroupNorm32(groups, channels)
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):

@@ -72,6 +72,7 @@ def model_and_diffusion_defaults():
         resblock_updown=False,
         use_fp16=False,
         use_new_attention_order=False,
+        norm_groups=32,
     )
     res.update(diffusion_defaults())
     return res
@@ -108,6 +109,7 @@ def create_model_and_diffusion(
     use_fp16,
     use_new_attention_order,
     num_classes=NUM_CLASSES,
+    norm_groups=32,
 ):
     model = create_model(
         image_size,
@@ -127,6 +129,7 @@ def create_model_and_diffusion(
         use_fp16=use_fp16,
         use_new_attention_order=use_new_attention_order,
         num_classes=num_classes,
+        norm_groups=norm_groups,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps,
@@ -174,6 +177,17 @@ _UNET_CHANNEL_MULT = {
 }
 
 
+def check_norm_groups(norm_groups, num_channels, channel_mult, image_size):
+    """Raise ValueError (naming the flag) unless --norm_groups divides every block's width."""
+    mult = _parse_channel_mult(channel_mult, image_size, _UNET_CHANNEL_MULT, "UNet")
+    widths = sorted({int(m * num_channels) for m in mult})
+    if norm_groups < 1 or any(w % norm_groups for w in widths):
+        raise ValueError(
+            f"--norm_groups {norm_groups} must divide every block width {widths} "
+            f"(--num_channels {num_channels} times --channel_mult); e.g. --norm_groups 32"
+        )
+
+
 def create_model(
     image_size,
     num_channels,
@@ -192,7 +206,9 @@ def create_model(
     use_fp16=False,
     use_new_attention_order=False,
     num_classes=NUM_CLASSES,
+    norm_groups=32,
 ):
+    check_norm_groups(norm_groups, num_channels, channel_mult, image_size)
     channel_mult = _parse_channel_mult(channel_mult, image_size, _UNET_CHANNEL_MULT, "UNet")
     return UNetModel(
         image_size=image_size,
@@ -212,6 +228,7 @@ def create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
+        norm_groups=norm_groups,
     )
 
 

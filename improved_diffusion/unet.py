@@ -312,6 +312,7 @@ class ResBlock(TimestepBlock):
     :param use_checkpoint: if True, use gradient checkpointing on this module.
     :param up: if True, use this block for upsampling.
     :param down: if True, use this block for downsampling.
+    :param norm_groups: GroupNorm groups of both normalizations (upstream: 32).
     """
 
     def __init__(
@@ -326,6 +327,7 @@ class ResBlock(TimestepBlock):
         use_checkpoint=False,
         up=False,
         down=False,
+        norm_groups=32,
     ):
         super().__init__()
         self.channels = channels
@@ -337,7 +339,7 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
 
         self.in_layers = nn.Sequential(
-            normalization(channels),
+            normalization(channels, norm_groups),
             nn.SiLU(),
             conv_nd(dims, channels, self.out_channels, 3, padding=1),
         )
@@ -361,7 +363,7 @@ class ResBlock(TimestepBlock):
             ),
         )
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels),
+            normalization(self.out_channels, norm_groups),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             zero_module(
@@ -430,6 +432,7 @@ class AttentionBlock(nn.Module):
         num_head_channels=-1,
         use_checkpoint=False,
         use_new_attention_order=False,
+        norm_groups=32,
     ):
         super().__init__()
         self.channels = channels
@@ -441,7 +444,7 @@ class AttentionBlock(nn.Module):
             ), f"q,k,v channels {channels} is not divisible by num_head_channels {num_head_channels}"
             self.num_heads = channels // num_head_channels
         self.use_checkpoint = use_checkpoint
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm_groups)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         if use_new_attention_order:
             # split qkv before split heads
@@ -608,6 +611,10 @@ class UNetModel(nn.Module):
     :param resblock_updown: use residual blocks for up/downsampling.
     :param use_new_attention_order: use a different attention pattern for potentially
                                     increased efficiency.
+    :param norm_groups: GroupNorm groups in every block and the output head.
+        Upstream's 32 with ``model_channels=32`` normalises each channel on
+        its own, so the output cannot carry a per-image, per-channel mean
+        (a colour offset the input determines); fewer groups keep it.
     """
 
     def __init__(
@@ -631,6 +638,7 @@ class UNetModel(nn.Module):
         use_scale_shift_norm=False,
         resblock_updown=False,
         use_new_attention_order=False,
+        norm_groups=32,
     ):
         super().__init__()
 
@@ -681,6 +689,7 @@ class UNetModel(nn.Module):
                         dims=dims,
                         use_checkpoint=use_checkpoint,
                         use_scale_shift_norm=use_scale_shift_norm,
+                        norm_groups=norm_groups,
                     )
                 ]
                 ch = int(mult * model_channels)
@@ -692,6 +701,7 @@ class UNetModel(nn.Module):
                             num_heads=num_heads,
                             num_head_channels=num_head_channels,
                             use_new_attention_order=use_new_attention_order,
+                            norm_groups=norm_groups,
                         )
                     )
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
@@ -709,6 +719,7 @@ class UNetModel(nn.Module):
                             dims=dims,
                             use_checkpoint=use_checkpoint,
                             use_scale_shift_norm=use_scale_shift_norm,
+                            norm_groups=norm_groups,
                             down=True,
                         )
                         if resblock_updown
@@ -730,6 +741,7 @@ class UNetModel(nn.Module):
                 dims=dims,
                 use_checkpoint=use_checkpoint,
                 use_scale_shift_norm=use_scale_shift_norm,
+                norm_groups=norm_groups,
             ),
             AttentionBlock(
                 ch,
@@ -737,6 +749,7 @@ class UNetModel(nn.Module):
                 num_heads=num_heads,
                 num_head_channels=num_head_channels,
                 use_new_attention_order=use_new_attention_order,
+                norm_groups=norm_groups,
             ),
             ResBlock(
                 ch,
@@ -745,6 +758,7 @@ class UNetModel(nn.Module):
                 dims=dims,
                 use_checkpoint=use_checkpoint,
                 use_scale_shift_norm=use_scale_shift_norm,
+                norm_groups=norm_groups,
             ),
         )
         self._feature_size += ch
@@ -762,6 +776,7 @@ class UNetModel(nn.Module):
                         dims=dims,
                         use_checkpoint=use_checkpoint,
                         use_scale_shift_norm=use_scale_shift_norm,
+                        norm_groups=norm_groups,
                     )
                 ]
                 ch = int(model_channels * mult)
@@ -773,6 +788,7 @@ class UNetModel(nn.Module):
                             num_heads=num_heads_upsample,
                             num_head_channels=num_head_channels,
                             use_new_attention_order=use_new_attention_order,
+                            norm_groups=norm_groups,
                         )
                     )
                 if level and i == num_res_blocks:
@@ -786,6 +802,7 @@ class UNetModel(nn.Module):
                             dims=dims,
                             use_checkpoint=use_checkpoint,
                             use_scale_shift_norm=use_scale_shift_norm,
+                            norm_groups=norm_groups,
                             up=True,
                         )
                         if resblock_updown
@@ -796,7 +813,7 @@ class UNetModel(nn.Module):
                 self._feature_size += ch
 
         self.out = nn.Sequential(
-            normalization(ch),
+            normalization(ch, norm_groups),
             nn.SiLU(),
             zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
         )

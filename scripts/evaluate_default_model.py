@@ -10,7 +10,8 @@ the test split and colour cast (evaluations/fashion_metrics.py).
 
 Each checkpoint is sampled in a folder of its own under --work_dir (the
 checkpoint linked beside a copy of the card, so the sampling flags are the
-card's whatever the file is called); one JSON line per checkpoint is
+card's whatever the file is called, with the model flags of the
+model_flags.json beside the checkpoint where there is one); one JSON line per checkpoint is
 appended to --out and a markdown table row printed. Positions 0..N-1 of
 --seed are drawn for every checkpoint, so rows are paired.
 """
@@ -25,6 +26,8 @@ import tempfile
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+
+from improved_diffusion.model_card import run_flags  # noqa: E402
 
 CARD = os.path.join(REPO_ROOT, "models", "fashion32_ema.json")
 
@@ -50,8 +53,10 @@ def evaluate(checkpoint, num_samples, seed, work_dir, extra):
     folder = tempfile.mkdtemp(prefix="eval_", dir=work_dir)
     model_path = os.path.join(folder, "model.pt")
     os.symlink(os.path.abspath(checkpoint), model_path)
+    flags = dict(card["flags"])
+    flags.update(run_flags(checkpoint))  # the architecture of the run it comes from
     with open(os.path.join(folder, "model.json"), "w") as f:
-        json.dump({"flags": card["flags"]}, f)
+        json.dump({"flags": flags}, f)
     metrics = demo.main(["--model_path", model_path, "--out_dir", os.path.join(folder, "samples"),
                          "--num_samples", str(num_samples), "--seed", str(seed), *extra])
     kind, step = checkpoint_kind(checkpoint)

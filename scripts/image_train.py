@@ -18,6 +18,7 @@ from improved_diffusion.resample import create_named_schedule_sampler  # noqa: E
 from improved_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     args_to_dict,
+    check_norm_groups,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
@@ -93,6 +94,10 @@ def flag_conflict(args):
                 "cannot follow it: add --data_in_memory True")
     if args.init_checkpoint and not os.path.isfile(args.init_checkpoint):
         return f"--init_checkpoint {args.init_checkpoint}: no such file"
+    try:
+        check_norm_groups(args.norm_groups, args.num_channels, args.channel_mult, args.image_size)
+    except ValueError as e:
+        return str(e)
     return None
 
 

@@ -196,6 +196,7 @@ def test_image_train_killed_and_resumed_equals_uninterrupted(tmp_path):
     (["--bf16_autocast", "True", "--use_fp16", "True"], "--bf16_autocast and --use_fp16"),
     (["--init_checkpoint", "nowhere.pt"], "--init_checkpoint nowhere.pt: no such file"),
     (["--seed", "1", "--data_in_memory", "False"], "add --data_in_memory True"),
+    (["--norm_groups", "5"], "--norm_groups 5 must divide every block width"),
 ])
 def test_image_train_rejects_conflicting_flags(tmp_path, extra, message):
     data = _write_pngs(tmp_path / "imgs")
