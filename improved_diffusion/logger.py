@@ -61,7 +61,7 @@ class HumanOutputFormat(KVWriter, SeqWriter):
 
     def __init__(self, filename_or_file):
         if isinstance(filename_or_file, str):
-            self.file = open(filename_or_file, "wt")
+            self.file = open(filename_or_file, "at")  # a resumed run continues the file
             self.own_file = True
         else:
             if not hasattr(filename_or_file, "write"):
@@ -109,7 +109,7 @@ class JSONOutputFormat(KVWriter):
     """One JSON object per line."""
 
     def __init__(self, filename):
-        self.file = open(filename, "wt")
+        self.file = open(filename, "at")  # a resumed run continues the file
 
     def writekvs(self, kvs):
         row = {}
@@ -127,12 +127,19 @@ class JSONOutputFormat(KVWriter):
 
 
 class CSVOutputFormat(KVWriter):
-    """A CSV table; the header grows (and old rows are padded) as new keys appear."""
+    """
+    A CSV table; the header grows (and old rows are padded) as new keys
+    appear. An existing file is continued under its header (a resumed
+    training run keeps the rows of the runs before it), upstream truncated it.
+    """
 
     def __init__(self, filename):
-        self.file = open(filename, "w+t")
-        self.keys = []
+        self.file = open(filename, "a+t")  # writes go to the end, reads from anywhere
         self.sep = ","
+        self.file.seek(0)
+        header = self.file.readline().rstrip("\n")
+        self.keys = header.split(self.sep) if header else []
+        self.file.seek(0, os.SEEK_END)
 
     def writekvs(self, kvs):
         extra_keys = sorted(set(kvs.keys()) - set(self.keys))

@@ -111,6 +111,31 @@ def test_logger_writes_log_csv_json(tmp_path, clean_logger):
     assert records == [{"a": 1, "m": 2.0}, {"a": 2, "b": 0.5}]
 
 
+def test_logger_continues_the_files_of_an_earlier_run(tmp_path, clean_logger):
+    """A resumed run logging into the same folder keeps the rows before it."""
+    logdir = tmp_path / "logs"
+    logger.configure(dir=str(logdir), format_strs=["log", "csv", "json"])
+    logger.log("first run")
+    logger.logkv("step", 1)
+    logger.logkv("loss", 0.5)
+    logger.dumpkvs()
+    logger.Logger.CURRENT.close()
+    logger.configure(dir=str(logdir), format_strs=["log", "csv", "json"])
+    logger.log("second run")
+    logger.logkv("step", 2)
+    logger.logkv("loss", 0.25)
+    logger.logkv("lr", 1e-3)  # a key the first run did not have
+    logger.dumpkvs()
+    logger.Logger.CURRENT.close()
+
+    text = (logdir / "log.txt").read_text()
+    assert text.index("first run") < text.index("second run")
+    rows = (logdir / "progress.csv").read_text().splitlines()
+    assert rows == ["loss,step,lr", "0.5,1,", "0.25,2,0.001"]
+    records = [json.loads(line) for line in (logdir / "progress.json").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+
+
 def test_logger_env_dir_and_rank_suffix(tmp_path, clean_logger, monkeypatch):
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "envdir"))
     monkeypatch.setenv("PMI_RANK", "3")
