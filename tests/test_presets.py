@@ -142,3 +142,37 @@ def test_improved_diffusion_presets_rescale_timesteps():
         assert "--rescale_timesteps True" in source(os.path.join(PRESETS, f"{name}.sh"))["MODEL_FLAGS"]
     for name in ("imagenet64_cond_270M_250K", "upsample_cond_500K", "lsun_uncond_100M_1200K_bs128"):
         assert "--rescale_timesteps False" in source(os.path.join(PRESETS, f"{name}.sh"))["MODEL_FLAGS"]
+
+
+def test_default_model_flags_agree_everywhere():
+    """
+    The default model's network flags are the same in its card, both fashion32
+    presets and the resume bundle: checkpoints cannot tell some of them apart
+    (--norm_groups changes no parameter shape), so a copy that drifts would
+    load the weights into another network without an error.
+    """
+    from improved_diffusion.model_card import read_model_card, run_flags
+    from improved_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
+
+    defaults = model_and_diffusion_defaults()
+    network = set(defaults) - {"timestep_respacing", "use_fp16", "use_checkpoint"}
+
+    def parse(flag_string):
+        import argparse
+
+        parser = argparse.ArgumentParser()
+        add_dict_to_argparser(parser, defaults)
+        args = parser.parse_args(shlex.split(flag_string))
+        return {k: getattr(args, k) for k in network}
+
+    card = read_model_card(os.path.join(ROOT, "models", "fashion32_ema.pt"))
+    from_card = {k: card.get(k, defaults[k]) for k in network}
+    sample = source(os.path.join(ROOT, "scripts", "presets", "fashion32.sh"))
+    train = subprocess.run(
+        ["bash", "-c", 'source "$0"; echo $MODEL_FLAGS $DIFFUSION_FLAGS',
+         os.path.join(ROOT, "scripts", "presets", "fashion32_train.sh")],
+        capture_output=True, text=True, check=True).stdout
+    bundle = run_flags(os.path.join(ROOT, "models", "fashion32_train", "step.txt"))
+    assert parse(sample["MODEL_FLAGS"]) == from_card
+    assert parse(train) == from_card
+    assert {k: bundle.get(k, defaults[k]) for k in network} == from_card
