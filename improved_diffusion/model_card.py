@@ -30,7 +30,7 @@ def read_model_card(model_path):
 
 
 # Flags a training run records that sampling chooses for itself.
-_SAMPLING_CHOICES = ("timestep_respacing", "use_fp16", "use_checkpoint")
+SAMPLING_CHOICES = ("timestep_respacing", "use_fp16", "use_checkpoint")
 
 
 def run_flags(checkpoint_path):
@@ -46,7 +46,7 @@ def run_flags(checkpoint_path):
         return {}
     with open(path) as f:
         flags = json.load(f).get("flags", {})
-    return {k: v for k, v in flags.items() if k not in _SAMPLING_CHOICES}
+    return {k: v for k, v in flags.items() if k not in SAMPLING_CHOICES}
 
 
 

@@ -151,11 +151,11 @@ def test_default_model_flags_agree_everywhere():
     (--norm_groups changes no parameter shape), so a copy that drifts would
     load the weights into another network without an error.
     """
-    from improved_diffusion.model_card import read_model_card, run_flags
+    from improved_diffusion.model_card import SAMPLING_CHOICES, read_model_card, run_flags
     from improved_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
     defaults = model_and_diffusion_defaults()
-    network = set(defaults) - {"timestep_respacing", "use_fp16", "use_checkpoint"}
+    network = set(defaults) - set(SAMPLING_CHOICES)
 
     def parse(flag_string):
         import argparse
