@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from improved_diffusion import dist_util, logger  # noqa: E402
 from improved_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -135,12 +136,57 @@ TINY = (
 )
 
 
-def env_for(logdir, **extra):
-    env = dict(os.environ)
-    env.update(OPENAI_LOGDIR=str(logdir), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+# Variables that MPI launchers and torchrun set for the processes they start.
+# Neither a test's own process nor a script it starts may inherit them from
+# whatever started pytest: a script would take itself for one rank of a job.
+LAUNCH_VARS = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    "PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+    "MPI_LOCALNRANKS", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE",
+)
+# Variables that steer a run of this project (where it logs, the training
+# test mode): a test sets them where it wants them, it never inherits them.
+RUN_VARS = ("OPENAI_LOGDIR", "DIFFUSION_TRAINING_TEST")
+
+
+def env_for(logdir=None, **extra):
+    """
+    The environment of a script a test starts: this process's, without launcher
+    or run variables, with the repository importable, one OpenMP thread, no
+    GPU, a 30 s distributed timeout and no progress bars; OPENAI_LOGDIR=logdir
+    when one is given; then `extra` (each value as str()).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS + RUN_VARS}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                IMPROVED_DIFFUSION_DIST_TIMEOUT="30", TQDM_DISABLE="1")
+    if logdir is not None:
+        env["OPENAI_LOGDIR"] = str(logdir)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    """This process as a plain one-process run: no launcher or run variables, a fresh dist_util state."""
+    for var in LAUNCH_VARS + RUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(dist_util, "_STATE", dist_util._DistState())
+
+
+@pytest.fixture
+def own_logger():
+    """
+    No logger configured when the test starts (the test or the code under test
+    configures one); after it, that one is closed and the previous restored.
+    """
+    prev = logger.Logger.CURRENT, logger.Logger.DEFAULT
+    logger.Logger.CURRENT = None
+    yield
+    if logger.Logger.CURRENT is not None:
+        logger.Logger.CURRENT.close()
+    logger.Logger.CURRENT, logger.Logger.DEFAULT = prev
 
 
 def run_script(script, flags, logdir, ranks=None, timeout=240, preexec_fn=None, **env):
@@ -164,29 +210,43 @@ def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-def run_until_shards_then_kill(script, flags, logdir, ranks, shards, timeout=240):
-    """Start the script, SIGKILL its whole process group once `shards` shards exist:
-    a crash from outside at a known point. Returns the positions the shards hold."""
-    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, os.path.join(ROOT, "scripts", script)]
-    proc = subprocess.Popen(cmd + shlex.split(flags), env=env_for(logdir), start_new_session=True,
+def kill_when(cmd, env, done, timeout=240):
+    """
+    Run cmd in a process group of its own and SIGKILL the whole group as soon
+    as done() is true (a crash from outside at a point the test chooses), or
+    after `timeout` seconds. Returns the exit status: -SIGKILL when it was
+    killed, its own when it ended first.
+    """
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shard_dir, deadline = os.path.join(str(logdir), "shards"), time.monotonic() + timeout
+    deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            names = os.listdir(shard_dir) if os.path.isdir(shard_dir) else []
-            if sum(n.startswith("shard_") for n in names) >= shards:
-                break
+        while time.monotonic() < deadline and proc.poll() is None and not done():
             time.sleep(0.02)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    return proc.returncode
+
+
+def run_until_shards_then_kill(script, flags, logdir, ranks, shards, timeout=240):
+    """Run the script on `ranks` ranks and kill it once `shards` shards exist.
+    Returns (its exit status, the positions the shards hold)."""
+    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, os.path.join(ROOT, "scripts", script)]
+    shard_dir = os.path.join(str(logdir), "shards")
+
+    def enough_shards():
+        names = os.listdir(shard_dir) if os.path.isdir(shard_dir) else []
+        return sum(n.startswith("shard_") for n in names) >= shards
+
+    returncode = kill_when(cmd + shlex.split(flags), env_for(logdir), enough_shards, timeout)
     held = set()
     for name in os.listdir(shard_dir):
         if name.startswith("shard_") and name.endswith(".npz"):
             s, e = name[len("shard_"):-len(".npz")].split("_")[1].split("-")
             held.update(range(int(s), int(e)))
-    return proc.returncode, held
+    return returncode, held
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ image folder, single-process with resume and over ``mpiexec -n 2``."""
 import copy
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,8 @@ import numpy as np
 import pytest
 import torch as th
 
-from improved_diffusion import dist_util, logger
+from conftest import env_for
+from improved_diffusion import logger
 from improved_diffusion.script_util import (
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
@@ -23,11 +23,6 @@ from improved_diffusion.script_util import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "classifier_train.py"
-LAUNCH_VARS = [
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-    "PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "OPENAI_LOGDIR",
-]
 # The smallest classifier the 32x32 table allows with attention (64 channels
 # at 8x8, one 64-channel head) and the attention pool.
 TINY = dict(
@@ -48,17 +43,7 @@ def _load_script():
 ct = _load_script()
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch):
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(dist_util, "_STATE", dist_util._DistState())
-    prev = logger.Logger.CURRENT, logger.Logger.DEFAULT
-    logger.Logger.CURRENT = None
-    yield
-    if logger.Logger.CURRENT is not None:
-        logger.Logger.CURRENT.close()
-    logger.Logger.CURRENT, logger.Logger.DEFAULT = prev
+pytestmark = pytest.mark.usefixtures("single_process", "own_logger")
 
 
 def tiny_classifier(seed=0):
@@ -229,22 +214,12 @@ def write_image_folder(root, n_per_class=4):
     return root
 
 
-def _env(logdir):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        OMP_NUM_THREADS="1", IMPROVED_DIFFUSION_DIST_TIMEOUT="30", CUDA_VISIBLE_DEVICES="",
-        OPENAI_LOGDIR=str(logdir),
-    )
-    return env
-
-
 def test_script_trains_and_resumes_from_folder(tmp_path):
     data = write_image_folder(tmp_path / "data")
     cmd = [sys.executable, str(SCRIPT), "--data_dir", str(data), "--val_data_dir", str(data),
            "--batch_size", "4", "--log_interval", "1", "--eval_interval", "1"] + TINY_CLI
     run = tmp_path / "run"
-    proc = subprocess.run(cmd + ["--iterations", "2", "--save_interval", "2"], env=_env(run),
+    proc = subprocess.run(cmd + ["--iterations", "2", "--save_interval", "2"], env=env_for(run),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run / "model000002.pt").exists() and (run / "opt000002.pt").exists()
@@ -254,7 +229,7 @@ def test_script_trains_and_resumes_from_folder(tmp_path):
 
     proc = subprocess.run(
         cmd + ["--iterations", "3", "--resume_checkpoint", str(run / "model000002.pt")],
-        env=_env(tmp_path / "run2"), capture_output=True, text=True, timeout=120)
+        env=env_for(tmp_path / "run2"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "run2" / "model000003.pt").exists()
     log = (tmp_path / "run2" / "log.txt").read_text()
@@ -263,7 +238,7 @@ def test_script_trains_and_resumes_from_folder(tmp_path):
 
 def test_script_rejects_missing_data_dir(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--data_dir", str(tmp_path / "nope")],
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=60)
+                          env=env_for(tmp_path), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--data_dir" in proc.stderr
 
 
@@ -274,7 +249,7 @@ def test_script_two_ranks(mpiexec, tmp_path):
         [mpiexec, "-n", "2", sys.executable, str(SCRIPT), "--data_dir", str(data),
          "--batch_size", "2", "--microbatch", "1", "--iterations", "2",
          "--log_interval", "1"] + TINY_CLI,
-        env=_env(run), capture_output=True, text=True, timeout=120)
+        env=env_for(run), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run / "model000002.pt").exists()
     assert (run / "log-rank001.txt").exists()  # rank 1 logs on its own

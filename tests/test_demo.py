@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch as th
 
-from improved_diffusion import dist_util, logger
 from improved_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -30,18 +29,7 @@ def _load(name):
     return mod
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
-                "OPENAI_LOGDIR"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(dist_util, "_STATE", dist_util._DistState())
-    prev = logger.Logger.CURRENT, logger.Logger.DEFAULT
-    logger.Logger.CURRENT = None
-    yield
-    if logger.Logger.CURRENT is not None:
-        logger.Logger.CURRENT.close()
-    logger.Logger.CURRENT, logger.Logger.DEFAULT = prev
+pytestmark = pytest.mark.usefixtures("single_process", "own_logger")
 
 
 def tiny_checkpoint(tmp_path):

@@ -518,7 +518,7 @@ def test_impossible_respacing_is_one_error_line_from_the_script(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT, tiny_model
+    from conftest import ROOT, env_for, tiny_model
 
     model, _ = tiny_model()
     ckpt = tmp_path / "tiny.pt"
@@ -528,8 +528,8 @@ def test_impossible_respacing_is_one_error_line_from_the_script(tmp_path):
            "--attention_resolutions", "8", "--num_heads", "2", "--learn_sigma", "True",
            "--timestep_respacing", "ddim300",
            "--num_samples", "1", "--model_path", str(ckpt)]
-    env = dict(__import__("os").environ, OPENAI_LOGDIR=str(tmp_path / "out"), OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env_for(tmp_path / "out"),
+                         timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.strip().splitlines() == [
         # strides 3 and 4 give 334 and 250 steps

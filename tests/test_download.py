@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, env_for
 from improved_diffusion.published_checkpoints import PUBLISHED_CHECKPOINTS, checkpoint_url
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -157,7 +157,7 @@ def test_errors(server, tmp_path, capsys):
 def test_all_and_list_from_the_command_line(server, tmp_path):
     for i, name in enumerate(PUBLISHED_CHECKPOINTS):
         server.add(name, blob(100 + i, seed=i))
-    env = dict(os.environ, IMPROVED_DIFFUSION_MODELS_URL=server.url)
+    env = env_for(IMPROVED_DIFFUSION_MODELS_URL=server.url)
     script = os.path.join(ROOT, "scripts", "download_models.py")
     res = subprocess.run([sys.executable, script, "--all", "--models_dir", str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=120)

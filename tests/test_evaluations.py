@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from conftest import published_layout, random_state_dict  # noqa: E402
+from conftest import env_for, published_layout, random_state_dict  # noqa: E402
 from evaluations import evaluator as ev  # noqa: E402
 from evaluations import fid_inception as fi  # noqa: E402
 from evaluations.evaluator import (  # noqa: E402
@@ -387,7 +387,7 @@ def test_cli_end_to_end_same_batch_gives_zero(tmp_path, model, images, activatio
     np.savez(ref, images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     sample = tmp_path / "sample.npz"
     np.savez_compressed(sample, images)
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")  # faster sqrtm on a shared 2-core box
+    env = env_for(OPENBLAS_NUM_THREADS="1")  # faster sqrtm on a shared 2-core box
     proc = subprocess.run(
         [sys.executable, EVALUATOR, str(ref), str(sample), "--inception_path", weights_path,
          "--batch_size", "3"],

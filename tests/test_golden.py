@@ -56,7 +56,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from conftest import ROOT, load_script
+from conftest import ROOT, env_for, load_script
 
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 with open(os.path.join(GOLDEN, "cases.json")) as f:
@@ -88,7 +88,7 @@ def run_case(name, tmp_path, extra=(), threads="1"):
     """Run case `name`; return the npz's arrays (arr_0, and arr_1 if any)."""
     case = CASES[name]
     out = tmp_path / "out"
-    env = dict(os.environ, OPENAI_LOGDIR=str(out), OMP_NUM_THREADS=threads)
+    env = env_for(out, OMP_NUM_THREADS=threads)
     res = subprocess.run(
         case_command(case, extra), capture_output=True, text=True, env=env, timeout=600
     )

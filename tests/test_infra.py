@@ -15,7 +15,7 @@ import torch as th
 import torch.nn as nn
 from PIL import Image
 
-from conftest import reserved_port
+from conftest import env_for, reserved_port
 from improved_diffusion import dist_util, logger
 from improved_diffusion.fp16_util import (
     MixedPrecisionTrainer,
@@ -36,44 +36,11 @@ from improved_diffusion.resample import (
     create_named_schedule_sampler,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# Variables a launcher may have left in our environment; the child processes
-# and the single-process tests must not see them.
-LAUNCH_VARS = [
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-    "PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
-    "MPI_LOCALNRANKS", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE",
-]
-
 
 @pytest.fixture
-def clean_logger(tmp_path):
-    """Run a test with its own logger and restore the previous one after."""
-    prev_current, prev_default = logger.Logger.CURRENT, logger.Logger.DEFAULT
-    logger.Logger.CURRENT = None
+def clean_logger(tmp_path, own_logger):
+    """A quiet logger of the test's own (own_logger restores the previous one after)."""
     logger.configure(dir=str(tmp_path / "quiet_log"), format_strs=[])
-    yield
-    if logger.Logger.CURRENT is not None:
-        logger.Logger.CURRENT.close()
-    logger.Logger.CURRENT, logger.Logger.DEFAULT = prev_current, prev_default
-
-
-@pytest.fixture
-def fresh_dist_state(monkeypatch):
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(dist_util, "_STATE", dist_util._DistState())
-    yield
-
-
-def child_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 # ---------------------------------------------------------------------------
@@ -162,7 +129,7 @@ class NotAllowedInCheckpoints:
     pass
 
 
-def test_dist_single_process(tmp_path, fresh_dist_state):
+def test_dist_single_process(tmp_path, single_process):
     dist_util.setup_dist()
     assert dist_util.get_rank() == 0
     assert dist_util.get_world_size() == 1
@@ -250,7 +217,7 @@ def test_mpiexec_two_ranks_agree(mpiexec, tmp_path):
     th.save({"w": th.arange(5.0) * 3}, ckpt)
     proc = subprocess.run(
         [mpiexec, "-n", "2", sys.executable, str(script), str(tmp_path), str(ckpt)],
-        env=child_env(IMPROVED_DIFFUSION_DIST_TIMEOUT=20, CUDA_VISIBLE_DEVICES=""),
+        env=env_for(IMPROVED_DIFFUSION_DIST_TIMEOUT=20),
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -294,7 +261,7 @@ def test_mpiexec_dead_rank_does_not_hang(mpiexec, tmp_path):
     # test); no assertion on how long the launcher took to notice.
     proc = subprocess.run(
         [mpiexec, "-n", "2", sys.executable, str(script), "die"],
-        env=child_env(IMPROVED_DIFFUSION_DIST_TIMEOUT=10, CUDA_VISIBLE_DEVICES=""),
+        env=env_for(IMPROVED_DIFFUSION_DIST_TIMEOUT=10),
         capture_output=True, text=True, timeout=100,
     )
     assert proc.returncode != 0, proc.stdout + proc.stderr
@@ -314,7 +281,7 @@ def test_torchrun_env_stuck_rank_times_out(tmp_path):
         procs = [
             subprocess.Popen(
                 [sys.executable, str(script), "hang"],
-                env=child_env(RANK=r, LOCAL_RANK=r, **common),
+                env=env_for(RANK=r, LOCAL_RANK=r, **common),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
             for r in (0, 1)
@@ -352,7 +319,7 @@ def _make_image_folder(root):
     (root / "notes.txt").write_text("not an image")
 
 
-def test_load_data_labels_shapes_values(tmp_path, fresh_dist_state):
+def test_load_data_labels_shapes_values(tmp_path, single_process):
     data_dir = tmp_path / "imgs"
     _make_image_folder(data_dir)
     gen = load_data(data_dir=str(data_dir), batch_size=7, image_size=8,
@@ -374,7 +341,7 @@ def test_load_data_labels_shapes_values(tmp_path, fresh_dist_state):
     assert batch.shape == (2, 3, 4, 4) and cond == {}
 
 
-def test_load_data_errors_and_sharding(tmp_path, fresh_dist_state, monkeypatch):
+def test_load_data_errors_and_sharding(tmp_path, single_process, monkeypatch):
     data_dir = tmp_path / "imgs"
     _make_image_folder(data_dir)
     with pytest.raises(ValueError):

@@ -17,7 +17,6 @@ code), and the sampling scripts' path loads it:
 Every preset with a manifest passes the manifest's flags with the same values.
 """
 
-import argparse
 import json
 import os
 import shlex
@@ -27,7 +26,6 @@ import pytest
 import torch as th
 
 from conftest import ROOT
-from improved_diffusion import dist_util
 from improved_diffusion.checkpoints import (
     check_state_dict,
     classifier_from_args,
@@ -77,13 +75,6 @@ def random_checkpoint(entry, seed=0):
         else:
             state[name] = th.randint(0, 10, shape, generator=g, dtype=dt)
     return state
-
-
-@pytest.fixture
-def single_process(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(dist_util, "_STATE", dist_util._DistState())
 
 
 @pytest.mark.parametrize("name", SMALL)

@@ -1,6 +1,5 @@
 """Self-Attention Guidance on tiny models: capture, layouts, samplers, seeds, flags."""
 
-import math
 import subprocess
 import sys
 
@@ -13,7 +12,6 @@ from improved_diffusion.attention_capture import AttentionCapture
 from improved_diffusion.random_util import BatchGenerator
 from improved_diffusion.sag import SAGConfigError, SelfAttentionGuidance
 from improved_diffusion.sampling import BatchDrawer
-from improved_diffusion.unet import AttentionBlock
 
 
 def _run(model, t=None):

@@ -10,16 +10,22 @@ import importlib.util
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch as th
 
-from conftest import MPIEXEC, ROOT, needs_mpiexec, random_state_dict, tiny_model
+from conftest import (
+    MPIEXEC,
+    ROOT,
+    env_for,
+    kill_when,
+    needs_mpiexec,
+    random_state_dict,
+    tiny_model,
+)
 from evaluations.evaluator import compute_statistics, frechet_distance
 from evaluations.paired_stats import (
     FrechetReference,
@@ -39,13 +45,6 @@ TINY = (
 )
 GRID = "guide_scale=1.0,2.0 blur_sigma=1,3"
 SETTINGS = ["guide_scale=1.0", "guide_scale=2.0,blur_sigma=1.0", "guide_scale=2.0,blur_sigma=3.0"]
-
-
-def env_for(logdir):
-    env = dict(os.environ)
-    env.update(OPENAI_LOGDIR=str(logdir), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               TQDM_DISABLE="1", PYTHONPATH=ROOT)
-    return env
 
 
 def run(script, flags, logdir, timeout=300, ranks=None):
@@ -165,20 +164,10 @@ def test_killed_sweep_resumes_without_redrawing(files, tmp_path):
     flags = f"{TINY} --model_path {files['model']} --num_samples 6 --grid '{GRID}' --bootstrap 0"
     out = tmp_path / "killed"
     first_done = os.path.join(str(out), "settings", SETTINGS[0], "config.json")
-    proc = subprocess.Popen([sys.executable, SWEEP] + shlex.split(flags), env=env_for(out),
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if os.path.exists(first_done):  # the first setting is finished
-                break
-            time.sleep(0.01)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode != 0, "the sweep finished before it was killed"
+    # Killed as soon as the first setting is finished.
+    returncode = kill_when([sys.executable, SWEEP] + shlex.split(flags), env_for(out),
+                           lambda: os.path.exists(first_done))
+    assert returncode != 0, "the sweep finished before it was killed"
     assert os.path.exists(first_done)
     assert not (out / "sweep.csv").exists()
     res = run(SWEEP, flags, out)

@@ -491,7 +491,7 @@ def test_script_error_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.parametrize("name", ["image_sample.py", "classifier_sample.py"])
 def test_top_level_entry_points_run_their_scripts(name, tmp_path):
     """The seed's `python image_sample.py ...` runs scripts/image_sample.py, from any folder."""
-    env = dict(os.environ, COLUMNS="100", OMP_NUM_THREADS="1")
+    env = env_for(COLUMNS="100")
     outs = []
     for path in (os.path.join(ROOT, name), os.path.join(ROOT, "scripts", name)):
         res = subprocess.run([sys.executable, path, "--num_samples", "0"], cwd=tmp_path,

@@ -4,18 +4,16 @@ mpiexec keeps the ranks in sync."""
 
 import copy
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import record_applied_lrs
+from conftest import env_for, record_applied_lrs
 import torch as th
 
-from improved_diffusion import dist_util, logger
+from improved_diffusion import logger
 from improved_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -26,12 +24,6 @@ from improved_diffusion.train_util import (
     parse_resume_step_from_filename,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = [
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-    "PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
-]
 EMA = 0.9
 
 
@@ -70,18 +62,7 @@ def fixed_data(batch_size=4, seed=123):
     return gen(), batch
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.delenv("DIFFUSION_TRAINING_TEST", raising=False)
-    monkeypatch.setattr(dist_util, "_STATE", dist_util._DistState())
-    prev = logger.Logger.CURRENT, logger.Logger.DEFAULT
-    logger.Logger.CURRENT = None
-    yield
-    if logger.Logger.CURRENT is not None:
-        logger.Logger.CURRENT.close()
-    logger.Logger.CURRENT, logger.Logger.DEFAULT = prev
+pytestmark = pytest.mark.usefixtures("single_process", "own_logger")
 
 
 def make_loop(model, diffusion, data, logdir, **kw):
@@ -253,11 +234,7 @@ DDP_WORKER = textwrap.dedent(
 def test_ddp_two_ranks_stay_in_sync(mpiexec, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        OMP_NUM_THREADS="1", IMPROVED_DIFFUSION_DIST_TIMEOUT="30", CUDA_VISIBLE_DEVICES="",
-    )
+    env = env_for()
     proc = subprocess.run(
         [mpiexec, "-n", "2", sys.executable, str(script), str(tmp_path), json.dumps(tiny_args())],
         env=env, capture_output=True, text=True, timeout=120,

@@ -3,20 +3,18 @@ values: lr warm-up and cosine decay, EMA warm-up, the in-memory data order,
 and `scripts/image_train.py` end to end: a run killed mid-way and resumed
 ends with the same weights, EMA and optimizer state as an uninterrupted run."""
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import record_applied_lrs
+from conftest import env_for, kill_when, record_applied_lrs
 import torch as th
 from PIL import Image
 
-from improved_diffusion import dist_util, logger
+from improved_diffusion import logger
 from improved_diffusion.image_datasets import load_data
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from improved_diffusion.train_util import TrainLoop, ema_decay, learning_rate
@@ -54,15 +52,10 @@ def test_ema_decay_by_hand():
 
 
 @pytest.fixture
-def fresh_logger(tmp_path, monkeypatch):
-    monkeypatch.setattr(dist_util, "_STATE", dist_util._DistState())
-    for var in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    prev = logger.Logger.CURRENT, logger.Logger.DEFAULT
+def fresh_logger(tmp_path, single_process, own_logger):
+    """A single-process run logging progress.csv into tmp_path (returned)."""
     logger.configure(dir=str(tmp_path), format_strs=["csv"])
-    yield tmp_path
-    logger.Logger.CURRENT.close()
-    logger.Logger.CURRENT, logger.Logger.DEFAULT = prev
+    return tmp_path
 
 
 def tiny_loop(**kw):
@@ -119,8 +112,7 @@ def _write_pngs(folder, n=12, size=8):
     return folder
 
 
-def test_in_memory_batches_depend_only_on_seed_and_position(tmp_path, monkeypatch):
-    monkeypatch.setattr(dist_util, "_STATE", dist_util._DistState())
+def test_in_memory_batches_depend_only_on_seed_and_position(tmp_path, single_process):
     data_dir = _write_pngs(tmp_path / "imgs")
 
     def batches(start, count, seed=3):
@@ -149,15 +141,14 @@ TRAIN_FLAGS = [
 ]
 
 
-def _train(logdir, *extra, wait=True):
-    env = dict(os.environ, OPENAI_LOGDIR=str(logdir), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "scripts/image_train.py"), *TRAIN_FLAGS, *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    if wait:
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out
-    return proc
+def _train_cmd(*extra):
+    return [sys.executable, str(ROOT / "scripts/image_train.py"), *TRAIN_FLAGS, *extra]
+
+
+def _train(logdir, *extra):
+    proc = subprocess.run(_train_cmd(*extra), env=env_for(logdir), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout
 
 
 def test_image_train_killed_and_resumed_equals_uninterrupted(tmp_path):
@@ -165,13 +156,10 @@ def test_image_train_killed_and_resumed_equals_uninterrupted(tmp_path):
     _train(tmp_path / "a", "--data_dir", str(data), "--max_steps", "6")
 
     # B runs on and on; kill it (SIGKILL, no clean-up) once step 3 is saved.
-    proc = _train(tmp_path / "b", "--data_dir", str(data), "--max_steps", "100000", wait=False)
     saved = tmp_path / "b" / "opt000003.pt"
-    while not saved.exists():
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    returncode = kill_when(_train_cmd("--data_dir", str(data), "--max_steps", "100000"),
+                           env_for(tmp_path / "b"), saved.exists)
+    assert returncode == -signal.SIGKILL and saved.exists(), f"exit status {returncode}"
 
     _train(tmp_path / "c", "--data_dir", str(data), "--max_steps", "3",
            "--resume_checkpoint", str(tmp_path / "b" / "model000003.pt"))
@@ -200,7 +188,7 @@ def test_image_train_killed_and_resumed_equals_uninterrupted(tmp_path):
 ])
 def test_image_train_rejects_conflicting_flags(tmp_path, extra, message):
     data = _write_pngs(tmp_path / "imgs")
-    env = dict(os.environ, OPENAI_LOGDIR=str(tmp_path / "log"))
+    env = env_for(tmp_path / "log")
     flags = [f for f in TRAIN_FLAGS]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts/image_train.py"), *flags, "--data_dir", str(data),
