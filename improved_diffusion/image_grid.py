@@ -126,24 +126,36 @@ def sag_figure(columns, scale=None, captions=None, title=None, pad=2):
     return with_text(grid, top=top, title=title)
 
 
-def class_rows(images, labels, class_names, per_class=8, scale=3, pad=2, label_width=70):
+def class_rows(images, labels, class_names, per_class=8, scale=3, pad=2, label_width=70,
+               more=(), captions=None):
     """
     One row per class: the first `per_class` samples drawn with that label
     (blank where there are fewer), the class name on the left.
+
+    :param more: other image sets of the same positions (e.g. the same seeds
+        drawn without SAG), each shown as a block of the same samples to the
+        right, after one blank column.
+    :param captions: one caption per block, on a line above it.
     """
-    images, labels = np.asarray(images), np.asarray(labels)
-    h, w = images.shape[1:3]
+    sets = [np.asarray(images)] + [np.asarray(m) for m in more]
+    labels = np.asarray(labels)
+    h, w = sets[0].shape[1:3]
     blank = np.full((h, w, 3), 255, dtype=np.uint8)
     tiles = []
     for c in range(len(class_names)):
-        picks = list(images[labels == c][:per_class])
-        tiles += picks + [blank] * (per_class - len(picks))
-    grid = make_grid(np.stack(tiles), ncols=per_class, pad=pad)
+        picks = np.flatnonzero(labels == c)[:per_class]
+        for k, block in enumerate(sets):
+            tiles += [blank] * (k > 0)  # the gap between blocks
+            tiles += list(block[picks]) + [blank] * (per_class - len(picks))
+    block_cols = per_class + 1  # a block and the gap after it
+    grid = make_grid(np.stack(tiles), ncols=len(sets) * block_cols - 1, pad=pad)
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    row = (h + pad) * scale
+    row, col = (h + pad) * scale, (w + pad) * scale
     left = [(pad * scale + r * row + row // 2 - TEXT_HEIGHT // 2, name)
             for r, name in enumerate(class_names)]
-    return with_text(grid, left=left, left_width=label_width)
+    top = None if captions is None else [(pad * scale + k * block_cols * col, text)
+                                         for k, text in enumerate(captions)]
+    return with_text(grid, left=left, top=top, left_width=label_width)
 
 
 class AttentionMaskRecorder:

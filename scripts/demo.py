@@ -9,6 +9,9 @@ then score them with the project's own Fashion-MNIST classifier.
 Writes into --out_dir (replacing the files of an earlier run):
   samples_256x32x32x3.npz   arr_0 uint8 images, arr_1 int64 labels
   the PNG grid and the SAG-mask pictures that scripts/image_sample.py writes
+  samples_by_class.png      one row per class, named
+  sag_vs_none.png           the first 64 positions with SAG beside the same seeds
+                            without it (drawn into no_sag/; --compare False skips it)
   metrics.json              accuracy of the labels and feature FID vs the test split
 and prints where they are.
 
@@ -34,6 +37,9 @@ IMAGE_SAMPLE = os.path.join(REPO_ROOT, "scripts", "image_sample.py")
 PICTURE_FLAGS = {
     "save_attention_masks": "True",
 }
+# The comparison without SAG: how many positions, and the folder of its run.
+COMPARE_SAMPLES = 64
+COMPARE_DIR = "no_sag"
 # What a finished run leaves in out_dir (a folder holding one of these is
 # taken for an earlier demo's output and emptied first).
 RUN_MARKERS = ("config.json", "log.txt", "metrics.json")
@@ -74,9 +80,11 @@ def prepare_out_dir(out_dir):
 
 
 def pictures(out_dir):
-    """The PNG files of the run (the grid, then the SAG-mask pictures)."""
+    """The PNG files of the SAG run (the grids, then the SAG-mask pictures)."""
     found = []
-    for root, _, files in os.walk(out_dir):
+    for root, dirs, files in os.walk(out_dir):
+        if root == out_dir and COMPARE_DIR in dirs:
+            dirs.remove(COMPARE_DIR)
         found += [os.path.join(root, f) for f in files if f.endswith(".png")]
     return sorted(found, key=lambda p: (os.path.dirname(p) != out_dir, p))
 
@@ -123,6 +131,44 @@ def write_class_rows(npz_path, out_dir, per_class=8):
     return save_png(path, class_rows(images, labels, CLASS_NAMES, per_class=per_class))
 
 
+def compare_without_sag(image_sample, cmd, sag_npz, out_dir):
+    """
+    Draw the first COMPARE_SAMPLES positions of the run again with
+    --guide_scale 1.0 into out_dir/no_sag/ (the same labels and starting
+    noise: position p depends on seed + p alone) and write sag_vs_none.png:
+    per class, the SAG samples on the left and the same seeds without SAG on
+    the right. Returns its path, or None when the run had no SAG or no labels.
+    """
+    import numpy as np
+
+    from improved_diffusion import cli
+    from improved_diffusion.fashion_mnist import CLASS_NAMES
+    from improved_diffusion.image_grid import class_rows, save_png
+
+    flags = cli.parse_sample_args(image_sample.create_argparser(), cmd)
+    if float(flags.guide_scale) == 1.0 or not flags.class_cond:
+        return None
+    n = min(COMPARE_SAMPLES, int(flags.num_samples))
+    extra = ["--num_samples", str(n), "--guide_scale", "1.0"]
+    if hasattr(flags, "save_attention_masks"):
+        extra += ["--save_attention_masks", "False"]
+    os.environ["OPENAI_LOGDIR"] = os.path.join(out_dir, COMPARE_DIR)
+    try:
+        plain_npz = image_sample.main(cmd + extra)
+    finally:
+        os.environ["OPENAI_LOGDIR"] = out_dir
+    with np.load(sag_npz) as z:
+        sag, labels = z["arr_0"][:n], z["arr_1"][:n]
+    with np.load(plain_npz) as z:
+        plain, plain_labels = z["arr_0"], z["arr_1"]
+    if not np.array_equal(labels, plain_labels):
+        raise SystemExit("error: the run without SAG drew other labels than the SAG run "
+                         "(the seed contract is broken)")
+    captions = [f"with SAG (guide_scale {flags.guide_scale:g})", "the same seeds without SAG"]
+    picture = class_rows(sag, labels, CLASS_NAMES, per_class=4, more=[plain], captions=captions)
+    return save_png(os.path.join(out_dir, "sag_vs_none.png"), picture)
+
+
 def real_image_reference(n):
     """The real-image row of models/fashion_eval_reference.json for n samples (None if absent)."""
     from evaluations.fashion_metrics import DEFAULT_REFERENCE
@@ -149,6 +195,9 @@ def main(argv=None):
                         help="torch threads (default 0: the idle cores, at least 1)")
     parser.add_argument("--score", type=lambda s: s.lower() in ("1", "true", "yes"),
                         default=True, help="score the samples (default True)")
+    parser.add_argument("--compare", type=lambda s: s.lower() in ("1", "true", "yes"),
+                        default=True, help=f"draw the first {COMPARE_SAMPLES} positions again "
+                        "without SAG and put them beside the SAG ones (default True)")
     args, extra = parser.parse_known_args(argv)
 
     out_dir = os.path.abspath(args.out_dir)
@@ -185,6 +234,7 @@ def main(argv=None):
         json.dump(metrics, f, indent=1)
 
     by_class = write_class_rows(npz, out_dir)
+    comparison = compare_without_sag(image_sample, cmd, npz, out_dir) if args.compare else None
     reference = real_image_reference(args.num_samples)
 
     print()
@@ -202,8 +252,11 @@ def main(argv=None):
     if by_class:
         print(f"  by class:     {by_class}  (one row per class)")
     pics = pictures(out_dir)
+    if comparison:
+        print(f"  SAG vs none:  {comparison}  (per class, the same seeds with SAG on the left, "
+              "without on the right)")
     for path in pics:
-        if os.path.dirname(path) == out_dir and path != by_class:
+        if os.path.dirname(path) == out_dir and path not in (by_class, comparison):
             print(f"  grid:         {path}  (the first 64 in drawing order)")
     mask_dirs = sorted({os.path.dirname(p) for p in pics if os.path.dirname(p) != out_dir})
     for folder in mask_dirs:

@@ -41,6 +41,7 @@ def main(argv=None):
                          {"model_path": args.model_path}, setup)
     if path:
         print(path, flush=True)
+    return path  # the npz on rank 0, None on the others
 
 
 def make_drawer(args, model, diffusion, sag):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch as th
+from PIL import Image
 
 from improved_diffusion.script_util import (
     create_model_and_diffusion,
@@ -54,7 +55,7 @@ def tiny_checkpoint(tmp_path):
     return path
 
 
-def test_demo_pipeline_on_tiny_checkpoint(tmp_path, capsys):
+def test_demo_pipeline_on_tiny_checkpoint(tmp_path, capsys, monkeypatch):
     demo = _load("demo")
     out = tmp_path / "out"
     metrics = demo.main(["--out_dir", str(out), "--num_samples", "5", "--seed", "3",
@@ -91,8 +92,25 @@ def test_demo_pipeline_on_tiny_checkpoint(tmp_path, capsys):
     assert str(npz) in printed and "accuracy" in printed and "FID" in printed
     grids = list(out.glob("*.png"))
     assert grids and all(str(g) in printed for g in grids)
-    masks = list(out.glob("*/*.png"))  # SAG-mask pictures, one folder named
+    masks = [p for p in out.glob("*/*.png") if p.parent.name != "no_sag"]  # SAG-mask pictures
     assert masks and str(masks[0].parent) in printed
+
+    # The comparison: the same 5 positions drawn without SAG, as image_sample.py
+    # draws them with --guide_scale 1.0 on its own, beside the SAG ones.
+    assert str(out / "sag_vs_none.png") in printed
+    with np.load(out / "no_sag" / "samples_5x32x32x3.npz") as z:
+        plain, plain_labels = z["arr_0"], z["arr_1"]
+    assert np.array_equal(plain_labels, labels)
+    assert not np.array_equal(plain, images)  # SAG changed the samples
+    image_sample = _load("image_sample")
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "direct"))
+    direct = image_sample.main(["--num_samples", "5", "--seed", "3", "--guide_scale", "1.0",
+                                "--model_path", str(tmp_path / "tiny.pt")])
+    with np.load(direct) as z:
+        assert np.array_equal(z["arr_0"], plain) and np.array_equal(z["arr_1"], labels)
+    picture = np.asarray(Image.open(out / "sag_vs_none.png"))
+    # 10 class rows of 32 * 3 + pad, 4 + 1 + 4 tiles wide, the name column and a caption line
+    assert picture.shape[1] == 70 + 2 * 3 + 9 * (32 + 2) * 3
 
 
 def test_demo_passes_flags_on_and_adds_pictures():
