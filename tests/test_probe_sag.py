@@ -1,7 +1,9 @@
-"""scripts/probe_sag_masks.py: the foreground of images on a plain background,
-the coverage shares, and the script on a tiny checkpoint and image folder."""
+"""scripts/probe_sag.py: the identity it rests on (SAG's x_0 from the parts of
+one step), the foreground of images on a plain background, the coverage
+shares, the restoration coefficient, and the script on a tiny checkpoint."""
 
 import importlib.util
+import math
 import os
 import re
 
@@ -11,17 +13,45 @@ from PIL import Image
 
 from conftest import ROOT, tiny_flags, tiny_model
 from improved_diffusion.model_card import write_model_card
+from improved_diffusion.sag import SelfAttentionGuidance
 
 
 def _load():
-    path = os.path.join(ROOT, "scripts", "probe_sag_masks.py")
-    spec = importlib.util.spec_from_file_location("probe_sag_masks", path)
+    path = os.path.join(ROOT, "scripts", "probe_sag.py")
+    spec = importlib.util.spec_from_file_location("probe_sag", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 probe = _load()
+
+
+def test_guided_xstart_is_x0_less_scale_minus_one_times_what_the_second_pass_adds():
+    model, diffusion = tiny_model(timestep_respacing="")
+    g = th.Generator().manual_seed(1)
+    x_t = th.randn(3, 3, 16, 16, generator=g)
+    t = th.tensor([700, 400, 900])
+    for scale in (1.5, 0.8):
+        sag = SelfAttentionGuidance(model, scale=scale, start=1000, block="output", depth=0,
+                                    blur_sigma=1.0, num_heads=2)  # every step guided
+        with th.no_grad():
+            out = diffusion.guided_p_mean_variance(model, x_t, t, clip_denoised=False, sag=sag)
+        mask, x0, x0_blur, x0_bar = probe.sag_step_parts(model, diffusion, x_t, t, {}, sag)
+        assert th.equal(mask, out["sag_mask"])
+        assert not th.allclose(x0_bar, x0_blur)  # the second pass moved something
+        expected = x0 - (scale - 1) * (x0_bar - x0_blur)
+        assert th.allclose(out["guided_xstart"], expected, atol=1e-5), (
+            (out["guided_xstart"] - expected).abs().max())
+
+
+def test_restored_is_the_least_squares_coefficient():
+    x0 = th.tensor([1.0, 0.0, 2.0])
+    x0_blur = th.tensor([0.0, 0.0, 0.0])
+    x0_bar = th.tensor([0.5, 0.3, 0.0])  # 0.5 of the first detail back, none of the third
+    assert probe.restored(x0, x0_blur, x0_bar) == 0.5 / 5
+    assert probe.restored(x0, x0_blur, x0) == 1.0
+    assert probe.restored(x0, x0_blur, x0_blur) == 0.0
 
 
 def test_foreground_is_what_differs_from_the_border_level():
@@ -61,7 +91,7 @@ def test_the_script_prints_a_row_per_attention_block(tmp_path, capsys):
                        "--card", str(tmp_path / "tiny.json")])
     assert code == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"foreground: {64 / 256:.3f} of the pixels"
+    assert out[0] == f"foreground: {64 / 256:.3f} of the pixels; blur sigma 3"
     rows = [line for line in out if line.startswith(f"| {ckpt} |")]
     names = ["middle" if p == "middle" else f"{p} {d}" for p, d in sorted(model.attention_blocks())]
     assert [row.split(" | ")[1] for row in rows] == names
@@ -69,11 +99,12 @@ def test_the_script_prints_a_row_per_attention_block(tmp_path, capsys):
         cells = row.strip(" |").split(" | ")[2:]
         assert len(cells) == 2
         for cell in cells:
-            on, off = (float(v) for v in re.fullmatch(r"(\S+) / (\S+)", cell).groups())
-            assert 0 <= on <= 1 and 0 <= off <= 1
+            on, off, back = (float(v) for v in re.fullmatch(r"(\S+) / (\S+) / (\S+)",
+                                                             cell).groups())
+            assert 0 <= on <= 1 and 0 <= off <= 1 and math.isfinite(back)
 
 
 def test_missing_checkpoint_is_one_error_line(tmp_path, capsys):
     assert probe.main([str(tmp_path / "none.pt"), "--data_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {tmp_path / 'none.pt'}: not found"]
+    assert err == [f"error: {tmp_path / 'none.pt'}: not found; pass an existing file or folder"]

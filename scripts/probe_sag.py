@@ -1,0 +1,147 @@
+"""
+What SAG does to a model's x_0 prediction, block by block, in seconds rather
+than a sweep: where each attention block's mask falls, and whether the model
+puts back the detail that SAG's blur takes away.
+
+    python scripts/probe_sag.py CHECKPOINT... [--data_dir data/fashion_train] [--n 64]
+        [--blur_sigma 3] [--timesteps 100,300,500,700,900]
+
+One SAG step with an unclipped x_0 (x0) and the first pass's eps degrades x0
+to x0_blur (blurred where the mask is 1), re-noises it with that eps and asks
+the model again, which gives x0_bar. Then, exactly,
+
+    guided x_0 = x0 - (s - 1) * (x0_bar - x0_blur)
+
+(tests/test_probe_sag.py checks it against the sampler). Write
+x0_bar - x0_blur = c * (x0 - x0_blur) + rest, with c the least-squares
+coefficient ("restored"): c near 0, the model keeps the blur and SAG hardly
+moves x0; c > 0, the model puts the blurred-away detail back and SAG at
+s > 1 takes c * (s - 1) of that detail out of x0 (it smooths where the mask
+is); c < 0, the model smooths further and SAG at s > 1 sharpens.
+
+The first --n training images in file order, noised to each of --timesteps
+with fixed noise (seed 0), go through every checkpoint with each attention
+block's mask taken as sampling takes it (the published map, the card's
+--num_heads). Foreground: the pixels that differ from their image's
+background level (the median of its border pixels) by more than --threshold
+in [-1, 1] units (images on a plain background, such as Fashion-MNIST). A
+row per checkpoint and block reads "on object / on background / restored"
+per timestep: the share of the foreground and of the background pixels the
+mask covers (a mask that ignores the content covers both alike) and c. The
+model's flags come from --card, with the model flags of the
+model_flags.json beside a checkpoint where there is one.
+"""
+
+import argparse
+import os
+import sys
+
+import torch as th
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from improved_diffusion import sag_ops  # noqa: E402
+from improved_diffusion.image_datasets import load_data  # noqa: E402
+from improved_diffusion.model_card import flags_with_card, run_flags  # noqa: E402
+from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
+from improved_diffusion.script_util import (  # noqa: E402
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+
+
+def foreground(images, threshold=0.1):
+    """
+    [N x H x W] bool: the pixels of images [N x C x H x W] (in [-1, 1]) that
+    differ from their image's background level, the median of its border
+    pixels, by more than `threshold` in some channel.
+    """
+    border = th.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]],
+                    dim=2)
+    level = border.median(dim=2).values[:, :, None, None]
+    return ((images - level).abs() > threshold).any(dim=1)
+
+
+def coverage(mask, fg):
+    """(share of the foreground pixels the mask covers, share of the background ones)."""
+    mask, fg = mask.bool(), fg.bool()
+    on = (mask & fg).sum().item() / max(1, fg.sum().item())
+    off = (mask & ~fg).sum().item() / max(1, (~fg).sum().item())
+    return on, off
+
+
+def sag_step_parts(model, diffusion, x_t, t, cond, sag):
+    """
+    (mask, x0, x0_blur, x0_bar) of one SAG step at x_t, unclipped: the first
+    pass's x_0 and the block's mask, x_0 blurred under the mask, and the
+    second pass's x_0 on it re-noised with the first pass's eps.
+    """
+    with th.no_grad():
+        with sag.capture() as attention:
+            out = diffusion.p_mean_variance(model, x_t, t, clip_denoised=False, model_kwargs=cond)
+        mask = sag.mask(attention, x_t.shape)
+        x0 = out["pred_xstart"]
+        x0_blur = sag_ops.degrade(x0, mask, sag.blur_sigma, separable_blur=sag.separable_blur)
+        x_bar = diffusion.q_sample(x0_blur, t, noise=out["eps"])
+        x0_bar = diffusion.p_mean_variance(model, x_bar, t, clip_denoised=False,
+                                           model_kwargs=cond)["pred_xstart"]
+    return mask, x0, x0_blur, x0_bar
+
+
+def restored(x0, x0_blur, x0_bar):
+    """c: the least-squares coefficient of x0_bar - x0_blur on x0 - x0_blur."""
+    detail, back = (x0 - x0_blur).flatten().double(), (x0_bar - x0_blur).flatten().double()
+    return (back @ detail / (detail @ detail).clamp(min=1e-30)).item()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--data_dir", default=os.path.join(REPO_ROOT, "data", "fashion_train"))
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--timesteps", default="100,300,500,700,900")
+    parser.add_argument("--blur_sigma", type=float, default=3.0)
+    parser.add_argument("--threshold", type=float, default=0.1)
+    parser.add_argument("--card", default=os.path.join(REPO_ROOT, "models", "fashion32_ema.json"))
+    args = parser.parse_args(argv)
+    for path in [args.data_dir, *args.checkpoints]:
+        if not os.path.exists(path):
+            print(f"error: {path}: not found; pass an existing file or folder", file=sys.stderr)
+            return 2
+    flags = flags_with_card(args.card, model_and_diffusion_defaults())
+    flags.update(timestep_respacing="", use_fp16=False)
+    data = load_data(data_dir=args.data_dir, batch_size=args.n, image_size=flags["image_size"],
+                     class_cond=flags["class_cond"], deterministic=True, random_flip=False)
+    x0, cond = next(data)
+    fg = foreground(x0, args.threshold)
+    timesteps = [int(t) for t in args.timesteps.split(",")]
+    print(f"foreground: {fg.float().mean().item():.3f} of the pixels; blur sigma {args.blur_sigma:g}")
+    print("| checkpoint | block | " + " | ".join(f"t = {t}" for t in timesteps) + " |")
+    print("|---" * (len(timesteps) + 2) + "|")
+    for path in args.checkpoints:
+        model_flags = {**flags, **run_flags(path)}
+        model, diffusion = create_model_and_diffusion(**model_flags)
+        model.load_state_dict(th.load(path, map_location="cpu", weights_only=True))
+        model.eval()
+        noised = []
+        g = th.Generator().manual_seed(0)
+        for t in timesteps:
+            tt = th.full((len(x0),), t)
+            noised.append((tt, diffusion.q_sample(x0, tt, noise=th.randn(x0.shape, generator=g))))
+        for part, depth in sorted(model.attention_blocks()):
+            sag = SelfAttentionGuidance(model, scale=2.0, block=part, depth=depth,
+                                        blur_sigma=args.blur_sigma,
+                                        num_heads=model_flags["num_heads"])
+            cells = []
+            for tt, x_t in noised:
+                mask, pred, blurred, bar = sag_step_parts(model, diffusion, x_t, tt, cond, sag)
+                on, off = coverage(mask[:, 0], fg)
+                cells.append(f"{on:.2f} / {off:.2f} / {restored(pred, blurred, bar):+.2f}")
+            block = "middle" if part == "middle" else f"{part} {depth}"
+            print(f"| {path} | {block} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
