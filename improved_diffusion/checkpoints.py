@@ -13,7 +13,7 @@ import torch as th
 
 from . import dist_util
 from .cli import UsageError
-from .model_card import flags_with_card
+from .model_card import flags_with_card, run_flags
 from .published_checkpoints import PUBLISHED_CHECKPOINTS
 from .script_util import (
     args_to_dict,
@@ -295,3 +295,20 @@ def classifier_from_card(path, device):
     load_model(classifier, path, device, flags["classifier_use_fp16"],
                flag="--classifier_path", names=CLASSIFIER_FLAG_NAMES)
     return classifier, diffusion
+
+
+def model_from_card(checkpoint, card, **overrides):
+    """
+    A checkpoint of a carded model's training run (or the carded model
+    itself), on the CPU for probing: the network and diffusion of the flags
+    of `card` (a model card, ``name.json``), with the model flags of the
+    ``model_flags.json`` beside `checkpoint` where there is one (a run that
+    changed the architecture), then `overrides`; weights loaded and checked
+    like :func:`load_model`. Returns (model, diffusion, flags).
+    """
+    flags = flags_with_card(card, model_and_diffusion_defaults())
+    flags.update(run_flags(checkpoint))
+    flags.update(overrides)
+    model, diffusion = create_model_and_diffusion(**flags)
+    load_model(model, checkpoint, "cpu", flags["use_fp16"])
+    return model, diffusion, flags

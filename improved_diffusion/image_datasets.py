@@ -102,6 +102,15 @@ def load_data(
         yield from loader
 
 
+def first_images(data_dir, n, image_size, class_cond=False):
+    """
+    The first `n` images of `data_dir` in file order, unflipped, as one
+    (images, kwargs) batch like :func:`load_data`'s: fixed inputs for probes.
+    """
+    return next(load_data(data_dir=data_dir, batch_size=n, image_size=image_size,
+                          class_cond=class_cond, deterministic=True, random_flip=False))
+
+
 def _in_memory_batches(dataset, batch_size, deterministic, random_flip, seed=None, rank=0,
                        start_batch=0):
     """Endless (NCHW float batch in [-1, 1], kwargs) from the decoded dataset, epoch by epoch."""

@@ -42,13 +42,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from improved_diffusion import sag_ops  # noqa: E402
-from improved_diffusion.image_datasets import load_data  # noqa: E402
-from improved_diffusion.model_card import flags_with_card, run_flags  # noqa: E402
+from improved_diffusion.checkpoints import model_from_card  # noqa: E402
+from improved_diffusion.image_datasets import first_images  # noqa: E402
+from improved_diffusion.model_card import read_model_card  # noqa: E402
 from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
-from improved_diffusion.script_util import (  # noqa: E402
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
 
 
 def foreground(images, threshold=0.1):
@@ -105,25 +102,20 @@ def main(argv=None):
     parser.add_argument("--threshold", type=float, default=0.1)
     parser.add_argument("--card", default=os.path.join(REPO_ROOT, "models", "fashion32_ema.json"))
     args = parser.parse_args(argv)
-    for path in [args.data_dir, *args.checkpoints]:
+    for path in [args.card, args.data_dir, *args.checkpoints]:
         if not os.path.exists(path):
             print(f"error: {path}: not found; pass an existing file or folder", file=sys.stderr)
             return 2
-    flags = flags_with_card(args.card, model_and_diffusion_defaults())
-    flags.update(timestep_respacing="", use_fp16=False)
-    data = load_data(data_dir=args.data_dir, batch_size=args.n, image_size=flags["image_size"],
-                     class_cond=flags["class_cond"], deterministic=True, random_flip=False)
-    x0, cond = next(data)
+    card = read_model_card(args.card)
+    x0, cond = first_images(args.data_dir, args.n, card["image_size"], card.get("class_cond", False))
     fg = foreground(x0, args.threshold)
     timesteps = [int(t) for t in args.timesteps.split(",")]
     print(f"foreground: {fg.float().mean().item():.3f} of the pixels; blur sigma {args.blur_sigma:g}")
     print("| checkpoint | block | " + " | ".join(f"t = {t}" for t in timesteps) + " |")
     print("|---" * (len(timesteps) + 2) + "|")
     for path in args.checkpoints:
-        model_flags = {**flags, **run_flags(path)}
-        model, diffusion = create_model_and_diffusion(**model_flags)
-        model.load_state_dict(th.load(path, map_location="cpu", weights_only=True))
-        model.eval()
+        model, diffusion, flags = model_from_card(path, args.card, timestep_respacing="",
+                                                  use_fp16=False)
         noised = []
         g = th.Generator().manual_seed(0)
         for t in timesteps:
@@ -132,7 +124,7 @@ def main(argv=None):
         for part, depth in sorted(model.attention_blocks()):
             sag = SelfAttentionGuidance(model, scale=2.0, block=part, depth=depth,
                                         blur_sigma=args.blur_sigma,
-                                        num_heads=model_flags["num_heads"])
+                                        num_heads=flags["num_heads"])
             cells = []
             for tt, x_t in noised:
                 mask, pred, blurred, bar = sag_step_parts(model, diffusion, x_t, tt, cond, sag)

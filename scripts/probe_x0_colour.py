@@ -27,12 +27,9 @@ import torch as th
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from improved_diffusion.image_datasets import load_data  # noqa: E402
-from improved_diffusion.model_card import flags_with_card, run_flags  # noqa: E402
-from improved_diffusion.script_util import (  # noqa: E402
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
+from improved_diffusion.checkpoints import model_from_card  # noqa: E402
+from improved_diffusion.image_datasets import first_images  # noqa: E402
+from improved_diffusion.model_card import read_model_card  # noqa: E402
 
 
 def _colour_of_mean(x):
@@ -55,22 +52,17 @@ def main(argv=None):
     parser.add_argument("--timesteps", default="100,400,700,900,999")
     parser.add_argument("--card", default=os.path.join(REPO_ROOT, "models", "fashion32_ema.json"))
     args = parser.parse_args(argv)
-    for path in [args.data_dir, *args.checkpoints]:
+    for path in [args.card, args.data_dir, *args.checkpoints]:
         if not os.path.exists(path):
-            print(f"error: {path}: not found", file=sys.stderr)
+            print(f"error: {path}: not found; pass an existing file or folder", file=sys.stderr)
             return 2
-    flags = flags_with_card(args.card, model_and_diffusion_defaults())
-    flags.update(timestep_respacing="", use_fp16=False)
-    data = load_data(data_dir=args.data_dir, batch_size=args.n, image_size=flags["image_size"],
-                     class_cond=True, deterministic=True, random_flip=False)
-    x0, cond = next(data)
+    card = read_model_card(args.card)
+    x0, cond = first_images(args.data_dir, args.n, card["image_size"], card.get("class_cond", False))
     timesteps = [int(t) for t in args.timesteps.split(",")]
     print("| checkpoint | " + " | ".join(f"t = {t}" for t in timesteps) + " |")
     print("|---" * (len(timesteps) + 1) + "|")
     for path in args.checkpoints:
-        model, diffusion = create_model_and_diffusion(**{**flags, **run_flags(path)})
-        model.load_state_dict(th.load(path, map_location="cpu", weights_only=True))
-        model.eval()
+        model, diffusion, _ = model_from_card(path, args.card, timestep_respacing="", use_fp16=False)
         g = th.Generator().manual_seed(0)
         cells = []
         for t in timesteps:
