@@ -271,9 +271,9 @@ def ckpts(tmp_path_factory):
     return paths
 
 
-def load_script(name):
-    """scripts/<name>.py as a module (its main, for run_in_process)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+def load_script(name, folder="scripts"):
+    """<folder>/<name>.py as a module, nothing run (its main, for run_in_process)."""
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", os.path.join(ROOT, folder, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -3,7 +3,6 @@ save and resume to the same state, lr annealing, and the script itself from an
 image folder, single-process with resume and over ``mpiexec -n 2``."""
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from conftest import env_for
+from conftest import env_for, load_script
 from improved_diffusion import logger
 from improved_diffusion.script_util import (
     classifier_and_diffusion_defaults,
@@ -33,14 +32,7 @@ TINY = dict(
 TINY_CLI = [f"--{k}={v}" for k, v in TINY.items()]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("classifier_train", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ct = _load_script()
+ct = load_script("classifier_train")
 
 
 pytestmark = pytest.mark.usefixtures("single_process", "own_logger")

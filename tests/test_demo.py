@@ -2,7 +2,6 @@
 the embedded default model: its card makes `image_sample.py` with no flags
 sample from it with SAG, and its weights load strictly."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch as th
 from PIL import Image
 
+from conftest import load_script
 from improved_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -21,13 +21,6 @@ from improved_diffusion.script_util import (
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "fashion32_ema.pt"
 DEFAULT_CLASSIFIER = ROOT / "models" / "fashion32_classifier.pt"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 pytestmark = pytest.mark.usefixtures("single_process", "own_logger")
@@ -56,7 +49,7 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_demo_pipeline_on_tiny_checkpoint(tmp_path, capsys, monkeypatch):
-    demo = _load("demo")
+    demo = load_script("demo")
     out = tmp_path / "out"
     metrics = demo.main(["--out_dir", str(out), "--num_samples", "5", "--seed", "3",
                          "--model_path", tiny_checkpoint(tmp_path)])
@@ -102,7 +95,7 @@ def test_demo_pipeline_on_tiny_checkpoint(tmp_path, capsys, monkeypatch):
         plain, plain_labels = z["arr_0"], z["arr_1"]
     assert np.array_equal(plain_labels, labels)
     assert not np.array_equal(plain, images)  # SAG changed the samples
-    image_sample = _load("image_sample")
+    image_sample = load_script("image_sample")
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "direct"))
     direct = image_sample.main(["--num_samples", "5", "--seed", "3", "--guide_scale", "1.0",
                                 "--model_path", str(tmp_path / "tiny.pt")])
@@ -114,7 +107,7 @@ def test_demo_pipeline_on_tiny_checkpoint(tmp_path, capsys, monkeypatch):
 
 
 def test_demo_passes_flags_on_and_adds_pictures():
-    demo = _load("demo")
+    demo = load_script("demo")
     args = type("A", (), dict(num_samples=256, seed=0))()
     argv = demo.sample_argv(args, ["--guide_scale", "1.0"], {"save_attention_masks"})
     assert argv[:4] == ["--num_samples", "256", "--seed", "0"]
@@ -130,7 +123,7 @@ def test_demo_passes_flags_on_and_adds_pictures():
 def test_default_model_card_gives_sag_sampling_without_flags():
     from improved_diffusion.cli import parse_args_with_card
 
-    image_sample = _load("image_sample")
+    image_sample = load_script("image_sample")
     args = image_sample.create_argparser()
     args = parse_args_with_card(args, [])
     assert os.path.samefile(args.model_path, DEFAULT_MODEL)
@@ -164,7 +157,7 @@ def test_default_classifier_card_builds_it():
 
 
 def test_demo_out_dir_is_emptied_only_when_it_is_an_earlier_run(tmp_path):
-    demo = _load("demo")
+    demo = load_script("demo")
     earlier = tmp_path / "earlier"
     (earlier / "shards").mkdir(parents=True)
     (earlier / "config.json").write_text("{}")
@@ -180,7 +173,7 @@ def test_demo_out_dir_is_emptied_only_when_it_is_an_earlier_run(tmp_path):
 
 
 def test_pick_threads(monkeypatch):
-    demo = _load("demo")
+    demo = load_script("demo")
     assert demo.pick_threads(3) == 3
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0, 0))

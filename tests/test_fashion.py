@@ -1,7 +1,6 @@
 """Fashion-MNIST data path and measuring-classifier tests (tiny fake data, CPU, fast)."""
 
 import gzip
-import importlib.util
 import os
 import struct
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import load_script
 from improved_diffusion.fashion_mnist import (
     CLASS_NAMES,
     FashionMNISTMissingError,
@@ -24,15 +24,8 @@ CONVERTER = os.path.join(ROOT, "scripts", "fashion_mnist_to_images.py")
 METRICS = os.path.join(ROOT, "evaluations", "fashion_metrics.py")
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-conv = _load("fashion_mnist_to_images", CONVERTER)
-fm = _load("fashion_metrics", METRICS)
+conv = load_script("fashion_mnist_to_images")
+fm = load_script("fashion_metrics", "evaluations")
 
 
 def _write_idx(path, arr, gz):

@@ -3,7 +3,6 @@ builds has the published checkpoint's layout (tests/data manifests), the SAG
 block exists, and the seed's four commands are there verbatim."""
 
 import glob
-import importlib.util
 import json
 import os
 import shlex
@@ -12,7 +11,7 @@ import subprocess
 import pytest
 import torch as th
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 from improved_diffusion.published_checkpoints import PUBLISHED_CHECKPOINTS
 from improved_diffusion.sag import SelfAttentionGuidance
 from improved_diffusion.cli import validate_sample_args
@@ -70,13 +69,6 @@ def source(path):
     return {k: v for k, v in zip(VARIABLES, values) if v != "__unset__"}
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"preset_{name}", os.path.join(ROOT, "scripts", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def manifests():
     out = {}
     for name in ("guided_diffusion.json", "improved_diffusion.json"):
@@ -106,7 +98,7 @@ def test_preset_flags_build_the_published_model(path):
     name = os.path.basename(path)[:-3]
     v = source(path)
     assert v["MODEL_PATH"] == f"models/{name}.pt"
-    script = load_script(os.path.basename(v["SCRIPT"]))
+    script = load_script(os.path.basename(v["SCRIPT"])[:-len(".py")])
     argv = shlex.split(f"{v['SAG_FLAGS']} {v['MODEL_FLAGS']} {v.get('CLASSIFIER_FLAGS', '')} "
                        f"--model_path {v['MODEL_PATH']} {v['SAMPLE_FLAGS']}")
     if "BASE_SAMPLES" in v:

@@ -2,29 +2,19 @@
 one step), the foreground of images on a plain background, the coverage
 shares, the restoration coefficient, and the script on a tiny checkpoint."""
 
-import importlib.util
 import math
-import os
 import re
 
 import numpy as np
 import torch as th
 from PIL import Image
 
-from conftest import ROOT, tiny_flags, tiny_model
+from conftest import load_script, tiny_flags, tiny_model
 from improved_diffusion.model_card import write_model_card
 from improved_diffusion.sag import SelfAttentionGuidance
 
 
-def _load():
-    path = os.path.join(ROOT, "scripts", "probe_sag.py")
-    spec = importlib.util.spec_from_file_location("probe_sag", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-probe = _load()
+probe = load_script("probe_sag")
 
 
 def test_guided_xstart_is_x0_less_scale_minus_one_times_what_the_second_pass_adds():

@@ -2,10 +2,8 @@
 the script on a tiny checkpoint, and model_from_card (shared with
 probe_sag.py), which builds a run's checkpoint with the run's model flags."""
 
-import importlib.util
 import json
 import math
-import os
 import re
 
 import numpy as np
@@ -13,21 +11,13 @@ import pytest
 import torch as th
 from PIL import Image
 
-from conftest import ROOT, tiny_flags, tiny_model
+from conftest import load_script, tiny_flags, tiny_model
 from improved_diffusion.checkpoints import model_from_card
 from improved_diffusion.cli import UsageError
 from improved_diffusion.model_card import write_model_card
 
 
-def _load():
-    path = os.path.join(ROOT, "scripts", "probe_x0_colour.py")
-    spec = importlib.util.spec_from_file_location("probe_x0_colour", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-probe = _load()
+probe = load_script("probe_x0_colour")
 
 
 def test_colour_of_mean_is_the_channel_means_less_their_average():

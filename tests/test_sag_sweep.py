@@ -6,7 +6,6 @@ matplotlib, and bad input.
 """
 
 import csv
-import importlib.util
 import json
 import os
 import shlex
@@ -18,6 +17,7 @@ import pytest
 import torch as th
 
 from conftest import (
+    load_script,
     MPIEXEC,
     ROOT,
     env_for,
@@ -52,13 +52,6 @@ def run(script, flags, logdir, timeout=300, ranks=None):
     if ranks:
         cmd = [MPIEXEC, "-n", str(ranks)] + cmd
     return subprocess.run(cmd, capture_output=True, text=True, env=env_for(logdir), timeout=timeout)
-
-
-def load_sweep_module():
-    spec = importlib.util.spec_from_file_location("sag_sweep_under_test", SWEEP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +283,7 @@ ROWS = [
 
 def test_plot_written(tmp_path):
     pytest.importorskip("matplotlib")
-    sweep = load_sweep_module()
+    sweep = load_script("sag_sweep")
     line = sweep.plot(ROWS, str(tmp_path / "sweep.png"))
     assert line == f"wrote {tmp_path / 'sweep.png'}"
     with open(tmp_path / "sweep.png", "rb") as f:
@@ -307,7 +300,7 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
             raise ImportError("No module named 'matplotlib'")
         return real_import(name, *args, **kwargs)
 
-    sweep = load_sweep_module()
+    sweep = load_script("sag_sweep")
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     line = sweep.plot(ROWS, str(tmp_path / "sweep.png"))
     assert line == "sweep.png not written: matplotlib is not installed (pip install -e '.[plot]')"
