@@ -456,10 +456,37 @@ def write_outputs(log_dir, rows, grid, fixed, sweep, script_name):
     print(plot(rows, os.path.join(log_dir, "sweep.png")), flush=True)
 
 
+def plot_lines(rows, key):
+    """
+    The lines of one panel of sweep.png: {label: [(guide_scale, value,
+    low, high)]}, one per value of the flags other than guide_scale, sorted
+    by scale and starting at their baseline (guide_scale 1, low = high =
+    value). low and high place the paired 95 % interval of the difference
+    against the baseline around the baseline's value (None without one).
+    """
+    baselines = {r["setting"]: r for r in rows if r["baseline"]}
+    lines = {}
+    for r in rows:
+        if r["baseline"] or key not in r:
+            continue
+        label = ", ".join(f"{k}={v}" for k, v in _line_flags(r).items())
+        base = baselines[r["baseline_setting"]]
+        if label not in lines:
+            lines[label] = [(BASELINE_SCALE, base[key], base[key], base[key])] if key in base else []
+        low, high = r.get(f"diff_{key}_ci_low"), r.get(f"diff_{key}_ci_high")
+        if low is None or high is None or key not in base:
+            low = high = None
+        else:
+            low, high = base[key] + low, base[key] + high
+        lines[label].append((float(r["guide_scale"]), r[key], low, high))
+    return {label: sorted(points) for label, points in lines.items()}
+
+
 def plot(rows, path):
     """
     sweep.png: FID (and accuracy) against guide_scale, one line per value of
-    the other flags, each baseline as a horizontal line. Returns a line for the log.
+    the other flags with the paired intervals as error bars, each baseline as
+    a horizontal line. Returns a line for the log.
     """
     try:
         import matplotlib
@@ -476,26 +503,18 @@ def plot(rows, path):
     baselines = {r["setting"]: r for r in rows if r["baseline"]}
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
     for ax, key in zip(axes[0], keys):
-        lines = {}
-        for r in rows:
-            if r["baseline"] or key not in r:
-                continue
-            label = ", ".join(f"{k}={v}" for k, v in _line_flags(r).items())
-            if label not in lines:  # every line starts at its baseline (guide_scale 1)
-                base = baselines[r["baseline_setting"]]
-                lines[label] = [(BASELINE_SCALE, base[key])] if key in base else []
-            lines[label].append((float(r["guide_scale"]), r[key]))
         for n, (name, base) in enumerate(baselines.items()):
             if key in base:
                 group = name.partition(",")[2]
                 ax.axhline(base[key], color="black", linewidth=1, linestyle=styles[n % len(styles)],
                            label=f"no SAG {group}".strip())
-        for label, points in lines.items():
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                    label=label or "SAG")
+        for label, points in plot_lines(rows, key).items():
+            x, y = [p[0] for p in points], [p[1] for p in points]
+            err = [[p[1] - p[2] if p[2] is not None else 0 for p in points],
+                   [p[3] - p[1] if p[3] is not None else 0 for p in points]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label or "SAG")
         ax.set_xlabel("guide_scale")
-        ax.set_ylabel(key)
+        ax.set_ylabel(key + " (bars: paired 95 % interval)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_write(path) as f:

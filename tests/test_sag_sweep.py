@@ -277,8 +277,22 @@ ROWS = [
     dict(setting="guide_scale=1.5,blur_sigma=1.0", baseline=False, guide_scale=1.5, fid=9.0,
          accuracy=0.4, baseline_setting="guide_scale=1.0"),
     dict(setting="guide_scale=2.0,blur_sigma=1.0", baseline=False, guide_scale=2.0, fid=8.0,
-         accuracy=0.3, baseline_setting="guide_scale=1.0"),
+         accuracy=0.3, baseline_setting="guide_scale=1.0", diff_fid=-2.0, diff_fid_ci_low=-3.5,
+         diff_fid_ci_high=-0.5),
+    dict(setting="guide_scale=0.5,blur_sigma=3.0", baseline=False, guide_scale=0.5, fid=12.0,
+         baseline_setting="guide_scale=1.0", diff_fid=2.0, diff_fid_ci_low=1.0, diff_fid_ci_high=4.0),
 ]
+
+
+def test_plot_lines_start_at_the_baseline_with_intervals_around_its_value():
+    sweep = load_script("sag_sweep")
+    assert sweep.plot_lines(ROWS, "fid") == {
+        "blur_sigma=1.0": [(1.0, 10.0, 10.0, 10.0), (1.5, 9.0, None, None), (2.0, 8.0, 6.5, 9.5)],
+        "blur_sigma=3.0": [(0.5, 12.0, 11.0, 14.0), (1.0, 10.0, 10.0, 10.0)],
+    }
+    assert sweep.plot_lines(ROWS, "accuracy") == {
+        "blur_sigma=1.0": [(1.0, 0.5, 0.5, 0.5), (1.5, 0.4, None, None), (2.0, 0.3, None, None)],
+    }
 
 
 def test_plot_written(tmp_path):
