@@ -200,9 +200,16 @@ def _setting(values, flags, group_flags, baseline):
 
 
 def setting_args(fixed, setting):
+    """
+    The flags of one setting: the fixed part with the setting's grid values.
+    A baseline runs no SAG pass, so it keeps the fixed part's SAG-only flags
+    whatever the grid lists: the same run (and the same folder to resume)
+    in every sweep that shares it, in whatever order the grid gives them.
+    """
     args = argparse.Namespace(**vars(fixed))
     for flag, value in setting["values"].items():
-        setattr(args, flag, value)
+        if not (setting["baseline"] and flag in SAG_ONLY):
+            setattr(args, flag, value)
     if setting["baseline"]:
         args.guide_scale = BASELINE_SCALE
     return args

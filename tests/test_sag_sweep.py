@@ -180,6 +180,35 @@ def test_killed_sweep_resumes_without_redrawing(files, tmp_path):
     assert "sampled positions" not in res.stdout
 
 
+def test_baseline_keeps_the_fixed_sag_flags():
+    sweep = load_script("sag_sweep")
+    fixed = sweep.parse_args(shlex.split(f"{TINY} --grid x"))[0]
+    grid = [("guide_scale", [1.0, 2.0]), ("blur_sigma", [1.0, 3.0]), ("sel_attn_depth", [1, 0])]
+    settings, _ = sweep.settings_of(grid, fixed)
+    base = [s for s in settings if s["baseline"]]
+    assert [s["name"] for s in base] == ["guide_scale=1.0"]
+    args = sweep.setting_args(fixed, base[0])
+    assert (args.guide_scale, args.blur_sigma, args.sel_attn_depth) == (1.0, 3.0, 0)  # TINY's
+    guided = sweep.setting_args(fixed, settings[-1])
+    assert (guided.guide_scale, guided.blur_sigma, guided.sel_attn_depth) == (2.0, 3.0, 0)
+    assert (sweep.setting_args(fixed, settings[1]).blur_sigma,
+            sweep.setting_args(fixed, settings[1]).sel_attn_depth) == (1.0, 1)
+
+
+def test_a_wider_grid_resumes_the_settings_it_shares(files, tmp_path):
+    """A second sweep listing SAG flags in another order redraws neither its baseline nor a shared setting."""
+    out = tmp_path / "wider"
+    base = f"{TINY} --model_path {files['model']} --num_samples 2 --bootstrap 0"
+    res = run(SWEEP, f"{base} --grid 'guide_scale=1.0,2.0 blur_sigma=1'", out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run(SWEEP, f"{base} --grid 'guide_scale=1.0,2.0 blur_sigma=3,1'", out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert "setting 1/3: guide_scale=1.0: already complete, not redrawn" in lines
+    assert "setting 2/3: guide_scale=2.0,blur_sigma=3.0: sampled" in lines
+    assert "setting 3/3: guide_scale=2.0,blur_sigma=1.0: already complete, not redrawn" in lines
+
+
 @needs_mpiexec
 def test_two_ranks_same_samples(sweep, files, tmp_path):
     """mpiexec -n 2: every setting's npz equals the one-process sweep's; rank 0 alone scores."""
