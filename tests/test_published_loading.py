@@ -25,7 +25,7 @@ import sys
 import pytest
 import torch as th
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 from improved_diffusion.checkpoints import (
     check_state_dict,
     classifier_from_args,
@@ -154,7 +154,7 @@ NOT_LAYOUT = {"use_fp16", "dropout"}
 def test_preset_flags_match_the_manifest(path):
     name = os.path.basename(path)[:-3]
     v = test_presets.source(path)
-    script = test_presets.load_script(os.path.basename(v["SCRIPT"]))
+    script = load_script(os.path.basename(v["SCRIPT"])[:-len(".py")])
     preset = vars(script.create_argparser().parse_args(shlex.split(
         f"{v['MODEL_FLAGS']} {v.get('CLASSIFIER_FLAGS', '')} {v['SAG_FLAGS']}")))
     checked = []
