@@ -13,6 +13,6 @@
 # Output blocks with attention: 0,1,2 at 8x8 and 3,4,5 at 16x16; input 4,5 (16x16),
 # 7,8 (8x8); middle (8x8).
 MODEL_FLAGS="--image_size 32 --num_channels 32 --channel_mult 1,2,2 --num_res_blocks 2 --attention_resolutions 16,8 --num_heads 4 --class_cond True --num_classes 10 --learn_sigma True --dropout 0.1 --resblock_updown False --use_scale_shift_norm True --norm_groups 8 --diffusion_steps 1000 --noise_schedule cosine"
-SAG_FLAGS="--guide_scale 1.1 --guide_start 250 --sel_attn_block output --sel_attn_depth 5 --blur_sigma 3.0"
+SAG_FLAGS="--guide_scale 0.8 --guide_start 250 --sel_attn_block output --sel_attn_depth 5 --blur_sigma 3.0"
 SAMPLE_FLAGS="--timestep_respacing 50 --batch_size 64 --num_samples 256 --use_fp16 True"
 CLASSIFIER_FLAGS="--image_size 32 --num_classes 10 --classifier_width 32 --classifier_depth 1 --classifier_attention_resolutions 16,8 --classifier_pool attention --classifier_use_scale_shift_norm True --classifier_resblock_updown True"
