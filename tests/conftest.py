@@ -271,6 +271,31 @@ def ckpts(tmp_path_factory):
     return paths
 
 
+def probe_inputs(folder, n=4, size=16):
+    """
+    What the probe scripts read, under `folder`: a tiny class-conditional
+    checkpoint (2 classes, full 1000 steps) with its model card, and n
+    images of a gray square on black (labels 0, 1, 0, ...).
+    :return: (model, checkpoint path, card path, image folder)
+    """
+    from PIL import Image
+
+    from improved_diffusion.model_card import write_model_card
+
+    model, _ = tiny_model(class_cond=True, num_classes=2, timestep_respacing="")
+    ckpt = folder / "tiny.pt"
+    th.save(model.state_dict(), ckpt)
+    write_model_card(str(ckpt), tiny_flags(class_cond=True, num_classes=2, timestep_respacing=""))
+    data = folder / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = np.zeros((size, size, 3), dtype=np.uint8)
+        img[4:12, 4:12] = rng.integers(100, 255)
+        Image.fromarray(img).save(data / f"{i % 2}_{i:03d}.png")
+    return model, ckpt, folder / "tiny.json", data
+
+
 def load_script(name, folder="scripts"):
     """<folder>/<name>.py as a module, nothing run (its main, for run_in_process)."""
     spec = importlib.util.spec_from_file_location(f"{folder}_{name}", os.path.join(ROOT, folder, f"{name}.py"))

@@ -5,12 +5,9 @@ shares, the restoration coefficient, and the script on a tiny checkpoint."""
 import math
 import re
 
-import numpy as np
 import torch as th
-from PIL import Image
 
-from conftest import load_script, tiny_flags, tiny_model
-from improved_diffusion.model_card import write_model_card
+from conftest import load_script, probe_inputs, tiny_model
 from improved_diffusion.sag import SelfAttentionGuidance
 
 
@@ -65,20 +62,9 @@ def test_coverage_counts_object_and_background_pixels_apart():
 
 
 def test_the_script_prints_a_row_per_attention_block(tmp_path, capsys):
-    flags = tiny_flags(class_cond=True, num_classes=2, timestep_respacing="")
-    model, _ = tiny_model(class_cond=True, num_classes=2, timestep_respacing="")
-    ckpt = tmp_path / "tiny.pt"
-    th.save(model.state_dict(), ckpt)
-    write_model_card(str(ckpt), flags)
-    data = tmp_path / "images"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        img = np.zeros((16, 16, 3), dtype=np.uint8)
-        img[4:12, 4:12] = rng.integers(100, 255)
-        Image.fromarray(img).save(data / f"{i % 2}_{i:03d}.png")
+    model, ckpt, card, data = probe_inputs(tmp_path)
     code = probe.main([str(ckpt), "--data_dir", str(data), "--n", "4", "--timesteps", "10,500",
-                       "--card", str(tmp_path / "tiny.json")])
+                       "--card", str(card)])
     assert code == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"foreground: {64 / 256:.3f} of the pixels; blur sigma 3"

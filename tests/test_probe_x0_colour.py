@@ -9,9 +9,8 @@ import re
 import numpy as np
 import pytest
 import torch as th
-from PIL import Image
 
-from conftest import load_script, tiny_flags, tiny_model
+from conftest import load_script, probe_inputs, tiny_flags, tiny_model
 from improved_diffusion.checkpoints import model_from_card
 from improved_diffusion.cli import UsageError
 from improved_diffusion.model_card import write_model_card
@@ -39,25 +38,10 @@ def test_correlation_is_pearsons_r():
     assert probe._correlation(th.tensor(a), th.tensor(2 * a + 1)) == pytest.approx(1.0)
 
 
-def _images(folder, n=4, size=16):
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        img = np.zeros((size, size, 3), dtype=np.uint8)
-        img[4:12, 4:12] = rng.integers(100, 255)
-        Image.fromarray(img).save(folder / f"{i % 2}_{i:03d}.png")
-    return folder
-
-
 def test_the_script_prints_cast_mean_error_and_r_per_timestep(tmp_path, capsys):
-    flags = tiny_flags(class_cond=True, num_classes=2, timestep_respacing="")
-    model, _ = tiny_model(class_cond=True, num_classes=2, timestep_respacing="")
-    ckpt = tmp_path / "tiny.pt"
-    th.save(model.state_dict(), ckpt)
-    write_model_card(str(ckpt), flags)
-    data = _images(tmp_path / "images")
+    _, ckpt, card, data = probe_inputs(tmp_path)
     code = probe.main([str(ckpt), str(ckpt), "--data_dir", str(data), "--n", "4",
-                       "--timesteps", "10,500,999", "--card", str(tmp_path / "tiny.json")])
+                       "--timesteps", "10,500,999", "--card", str(card)])
     assert code == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| checkpoint | t = 10 | t = 500 | t = 999 |"
