@@ -51,7 +51,8 @@ import torch as th  # noqa: E402
 
 from improved_diffusion.random_util import BatchGenerator  # noqa: E402
 from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
-from improved_diffusion.sampling import make_cond_fn  # noqa: E402
+from improved_diffusion.guided_denoiser import ClassifierGuidance, GuidedDenoiser  # noqa: E402
+from improved_diffusion.samplers import Sampler  # noqa: E402
 from improved_diffusion.script_util import (  # noqa: E402
     classifier_defaults,
     create_classifier,
@@ -167,7 +168,8 @@ class Variant:
         self.num_classes = spec["model"].get("num_classes", 1000)
         size = spec["model"]["image_size"]
         self.shape = (batch, 3, size, size)
-        self.cond_fn = make_cond_fn(classifier, spec["classifier_scale"]) if mode == "sag_cg" else None
+        self.classifier = (ClassifierGuidance(classifier, spec["classifier_scale"])
+                           if mode == "sag_cg" else None)
         self.needs_labels = self.class_cond or mode == "sag_cg"
         s = spec["sag"]
         if impl == "ours":
@@ -209,11 +211,11 @@ class Variant:
             kwargs["y"] = gen.randint(self.num_classes, device=self.device)
         diffusion = self.diffusion()
         if self.impl == "ours":
-            loop = diffusion.p_sample_loop_progressive(
-                self._model_fn(self.unet), self.shape, model_kwargs=kwargs, cond_fn=self.cond_fn,
-                device=self.device, sag=self.sag, generator=gen,
-            )
-            for done, out in enumerate(loop, 1):
+            denoiser = GuidedDenoiser.for_diffusion(self._model_fn(self.unet), diffusion, sag=self.sag,
+                                                    classifier=self.classifier)
+            x = gen.randn(self.shape, device=self.device)
+            loop = Sampler.ddpm(diffusion)(denoiser, x, kwargs, gen)
+            for done, (_, out) in enumerate(loop, 1):
                 if done == steps:
                     return out["sample"]
         s = ARCHS[self.arch]["sag"]
@@ -222,7 +224,7 @@ class Variant:
             guide_start=0 if self.mode == "plain" else 250, blur_sigma=s["blur_sigma"],
         )
         return sampler.p_sample_loop(
-            self.shape, cond_fn=self.cond_fn, model_kwargs=kwargs, device=self.device, max_steps=steps
+            self.shape, cond_fn=self.classifier, model_kwargs=kwargs, device=self.device, max_steps=steps
         )
 
     def _published_fn(self):

@@ -28,8 +28,10 @@ sys.path.insert(0, ROOT)
 
 import torch as th  # noqa: E402
 
+from improved_diffusion.guided_denoiser import GuidedDenoiser  # noqa: E402
 from improved_diffusion.random_util import BatchGenerator  # noqa: E402
 from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
+from improved_diffusion.samplers import Sampler  # noqa: E402
 from improved_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     args_to_dict,
@@ -65,8 +67,9 @@ def sample(case, precision):
     sag = SelfAttentionGuidance.from_args(model, args)
     shape = (args.num_samples, 3, args.image_size, args.image_size)
     gen = BatchGenerator([args.seed + p for p in range(args.num_samples)])
+    denoiser = GuidedDenoiser.for_diffusion(model, diffusion, clip_denoised=args.clip_denoised, sag=sag)
     with th.autocast("cpu", dtype=th.bfloat16, enabled=precision == "autocast"):
-        x = diffusion.p_sample_loop(model, shape, clip_denoised=args.clip_denoised, sag=sag, generator=gen)
+        x = Sampler.ddpm(diffusion).run(denoiser, gen.randn(shape), None, gen)
     x = ((x.float() + 1) * 127.5).clamp(0, 255).to(th.uint8)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 

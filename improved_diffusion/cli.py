@@ -16,6 +16,7 @@ import sys
 
 from . import dist_util
 from .model_card import read_model_card
+from .samplers import check_sampler_flags
 from .script_util import add_dict_to_argparser, check_norm_groups
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +91,11 @@ def sample_defaults():
         batch_size=16,
         use_ddim=False,
         eta=0.0,
+        sampler="ddpm",
+        solver_steps=20,
+        solver_order=2,
+        skip_type="time_uniform",
+        solver_time_map="official",
         model_path=DEFAULT_MODEL_PATH,
         seed=0,
         save_attention_masks=False,
@@ -163,6 +169,10 @@ def validate_sample_args(args):
         raise pure_usage_error(f"--blur_sigma must be a number > 0, got {args.blur_sigma}")
     if not (_finite(args.eta) and args.eta >= 0):
         raise pure_usage_error(f"--eta must be a finite number >= 0, got {args.eta}")
+    try:
+        check_sampler_flags(args)
+    except ValueError as e:
+        raise pure_usage_error(str(e)) from None
     if hasattr(args, "norm_groups"):
         try:
             check_norm_groups(args.norm_groups, args.num_channels, args.channel_mult, args.image_size)

@@ -1,7 +1,6 @@
 """
 Gaussian diffusion: forward process, training losses, and the ancestral and
-DDIM samplers, with Self-Attention Guidance (SAG) as one optional step that
-both samplers share.
+DDIM samplers, as upstream.
 
 Ported from openai/guided-diffusion (which is based on Ho et al.'s diffusion
 models codebase); docstrings and the maths are kept close to upstream so that
@@ -16,7 +15,6 @@ import torch as th
 
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
-from . import sag_ops
 
 
 def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
@@ -269,8 +267,6 @@ class GaussianDiffusion:
                  - 'variance': the model variance output.
                  - 'log_variance': the log of 'variance'.
                  - 'pred_xstart': the prediction for x_0.
-                 - 'eps': the model's epsilon (for models that predict x_0
-                          or x_{t-1}, the epsilon derived from 'pred_xstart').
         """
         if model_kwargs is None:
             model_kwargs = {}
@@ -278,9 +274,10 @@ class GaussianDiffusion:
         B, C = x.shape[:2]
         assert t.shape == (B,)
         model_output = model(x, self._scale_timesteps(t), **model_kwargs)
-        model_output, model_var_values = self._split_model_output(model_output, x)
 
         if self.model_var_type in [ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE]:
+            assert model_output.shape == (B, C * 2, *x.shape[2:])
+            model_output, model_var_values = th.split(model_output, C, dim=1)
             if self.model_var_type == ModelVarType.LEARNED:
                 model_log_variance = model_var_values
                 model_variance = th.exp(model_log_variance)
@@ -309,12 +306,30 @@ class GaussianDiffusion:
             model_variance = _extract_into_tensor(model_variance, t, x.shape)
             model_log_variance = _extract_into_tensor(model_log_variance, t, x.shape)
 
-        pred_xstart, eps = self._xstart_and_eps(
-            model_output, x, t, clip_denoised, denoised_fn
-        )
-        model_mean, _, _ = self.q_posterior_mean_variance(
-            x_start=pred_xstart, x_t=x, t=t
-        )
+        def process_xstart(x):
+            if denoised_fn is not None:
+                x = denoised_fn(x)
+            if clip_denoised:
+                return x.clamp(-1, 1)
+            return x
+
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            pred_xstart = process_xstart(
+                self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output)
+            )
+            model_mean = model_output
+        elif self.model_mean_type in [ModelMeanType.START_X, ModelMeanType.EPSILON]:
+            if self.model_mean_type == ModelMeanType.START_X:
+                pred_xstart = process_xstart(model_output)
+            else:
+                pred_xstart = process_xstart(
+                    self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
+                )
+            model_mean, _, _ = self.q_posterior_mean_variance(
+                x_start=pred_xstart, x_t=x, t=t
+            )
+        else:
+            raise NotImplementedError(self.model_mean_type)
 
         assert (
             model_mean.shape == model_log_variance.shape == pred_xstart.shape == x.shape
@@ -324,49 +339,7 @@ class GaussianDiffusion:
             "variance": model_variance,
             "log_variance": model_log_variance,
             "pred_xstart": pred_xstart,
-            "eps": eps,
         }
-
-    def _split_model_output(self, model_output, x):
-        """Split a learned-variance model's output into (mean part, variance values)."""
-        if self.model_var_type in [ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE]:
-            B, C = x.shape[:2]
-            assert model_output.shape == (B, C * 2, *x.shape[2:])
-            return th.split(model_output, C, dim=1)
-        return model_output, None
-
-    def _process_xstart(self, x, clip_denoised, denoised_fn):
-        if denoised_fn is not None:
-            x = denoised_fn(x)
-        if clip_denoised:
-            return x.clamp(-1, 1)
-        return x
-
-    def _xstart_and_eps(self, model_output, x, t, clip_denoised, denoised_fn):
-        """
-        Turn the mean part of a model output into (processed pred_xstart, eps).
-
-        For epsilon models, eps is the raw model output; otherwise it is
-        derived from the processed pred_xstart.
-        """
-        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            pred_xstart = self._process_xstart(
-                self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output),
-                clip_denoised,
-                denoised_fn,
-            )
-            return pred_xstart, self._predict_eps_from_xstart(x, t, pred_xstart)
-        if self.model_mean_type == ModelMeanType.START_X:
-            pred_xstart = self._process_xstart(model_output, clip_denoised, denoised_fn)
-            return pred_xstart, self._predict_eps_from_xstart(x, t, pred_xstart)
-        if self.model_mean_type == ModelMeanType.EPSILON:
-            pred_xstart = self._process_xstart(
-                self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output),
-                clip_denoised,
-                denoised_fn,
-            )
-            return pred_xstart, model_output
-        raise NotImplementedError(self.model_mean_type)
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         assert x_t.shape == eps.shape
@@ -435,75 +408,6 @@ class GaussianDiffusion:
         )
         return out
 
-    def guided_p_mean_variance(
-        self,
-        model,
-        x,
-        t,
-        clip_denoised=True,
-        denoised_fn=None,
-        model_kwargs=None,
-        sag=None,
-    ):
-        """
-        p_mean_variance with Self-Attention Guidance: the one SAG step that
-        both the ancestral and the DDIM sampler call.
-
-        When `sag` is None or does not apply at this step, this is
-        p_mean_variance with out['guided_xstart'] = out['pred_xstart'].
-        Otherwise (see docs/sag.md, steps 2-9):
-
-        1. the first pass runs the model on x_t while `sag` captures the
-           attention of its chosen block;
-        2. the attention mask picks the key positions with high summed
-           attention; `pred_xstart` is blurred there and re-noised to step t
-           with the first pass's eps;
-        3. the second pass runs the model on that degraded sample (same t,
-           same model_kwargs) to give eps_bar;
-        4. eps_guided = eps_bar + scale * (eps - eps_bar) is turned back into
-           x_0 (denoised_fn, clamp): out['guided_xstart'], and out['mean'] is
-           the posterior mean from it. Variance, log-variance and
-           out['pred_xstart'] stay the first pass's.
-
-        :param sag: None or a :class:`improved_diffusion.sag.SelfAttentionGuidance`.
-        :return: p_mean_variance's dict plus 'guided_xstart' (and, when
-                 guided, 'sag_mask' and 'sag_degraded_xstart').
-        """
-        if model_kwargs is None:
-            model_kwargs = {}
-        if sag is None or not sag.applies(t):
-            out = self.p_mean_variance(
-                model, x, t, clip_denoised, denoised_fn, model_kwargs
-            )
-            out["guided_xstart"] = out["pred_xstart"]
-            return out
-
-        with sag.capture() as attention:
-            out = self.p_mean_variance(
-                model, x, t, clip_denoised, denoised_fn, model_kwargs
-            )
-        mask = sag.mask(attention, x.shape)
-        degraded_xstart = sag_ops.degrade(
-            out["pred_xstart"], mask, sag.blur_sigma, separable_blur=sag.separable_blur
-        )
-        degraded_x = self.q_sample(degraded_xstart, t, noise=out["eps"])
-
-        bar_output = model(degraded_x, self._scale_timesteps(t), **model_kwargs)
-        bar_output, _ = self._split_model_output(bar_output, degraded_x)
-        _, eps_bar = self._xstart_and_eps(
-            bar_output, degraded_x, t, clip_denoised, denoised_fn
-        )
-
-        eps_guided = sag_ops.combine(out["eps"], eps_bar, sag.scale)
-        guided_xstart = self._process_xstart(
-            self._predict_xstart_from_eps(x, t, eps_guided), clip_denoised, denoised_fn
-        )
-        out["mean"], _, _ = self.q_posterior_mean_variance(guided_xstart, x, t)
-        out["guided_xstart"] = guided_xstart
-        out["sag_mask"] = mask
-        out["sag_degraded_xstart"] = degraded_xstart
-        return out
-
     def p_sample(
         self,
         model,
@@ -513,7 +417,6 @@ class GaussianDiffusion:
         denoised_fn=None,
         cond_fn=None,
         model_kwargs=None,
-        sag=None,
         generator=None,
     ):
         """
@@ -529,34 +432,30 @@ class GaussianDiffusion:
                         similarly to the model.
         :param model_kwargs: if not None, a dict of extra keyword arguments to
             pass to the model. This can be used for conditioning.
-        :param sag: if not None, a SelfAttentionGuidance applied before cond_fn.
         :param generator: if not None, draws the step's noise per sample
             (see :func:`_randn_like`).
         :return: a dict containing the following keys:
                  - 'sample': a random sample from the model.
-                 - 'pred_xstart': a prediction of x_0 (the unguided one).
+                 - 'pred_xstart': a prediction of x_0.
         """
-        if model_kwargs is None:
-            model_kwargs = {}
-        out = self.guided_p_mean_variance(
+        out = self.p_mean_variance(
             model,
             x,
             t,
             clip_denoised=clip_denoised,
             denoised_fn=denoised_fn,
             model_kwargs=model_kwargs,
-            sag=sag,
         )
-        if cond_fn is not None:
-            out["mean"] = self.condition_mean(
-                cond_fn, out, x, t, model_kwargs=model_kwargs
-            )
         noise = _randn_like(x, generator)
         nonzero_mask = (
             (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
         )  # no noise when t == 0
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(
+                cond_fn, out, x, t, model_kwargs=model_kwargs
+            )
         sample = out["mean"] + nonzero_mask * th.exp(0.5 * out["log_variance"]) * noise
-        return _step_result(sample, out)
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def p_sample_loop(
         self,
@@ -569,7 +468,6 @@ class GaussianDiffusion:
         model_kwargs=None,
         device=None,
         progress=False,
-        sag=None,
         generator=None,
     ):
         """
@@ -589,7 +487,6 @@ class GaussianDiffusion:
         :param device: if specified, the device to create the samples on.
                        If not specified, use a model parameter's device.
         :param progress: if True, show a tqdm progress bar.
-        :param sag: if not None, a SelfAttentionGuidance.
         :param generator: if not None, draws x_T (unless `noise` is given) and
             every step's noise per sample.
         :return: a non-differentiable batch of samples.
@@ -605,7 +502,6 @@ class GaussianDiffusion:
             model_kwargs=model_kwargs,
             device=device,
             progress=progress,
-            sag=sag,
             generator=generator,
         ):
             final = sample
@@ -622,7 +518,6 @@ class GaussianDiffusion:
         model_kwargs=None,
         device=None,
         progress=False,
-        sag=None,
         generator=None,
     ):
         """
@@ -635,7 +530,7 @@ class GaussianDiffusion:
         """
         img, indices = self._loop_start(model, shape, noise, device, progress, generator)
         for i in indices:
-            t = th.full((shape[0],), i, device=img.device, dtype=th.long)  # no host copy
+            t = th.full((shape[0],), i, device=img.device, dtype=th.long)
             with th.no_grad():
                 out = self.p_sample(
                     model,
@@ -645,7 +540,6 @@ class GaussianDiffusion:
                     denoised_fn=denoised_fn,
                     cond_fn=cond_fn,
                     model_kwargs=model_kwargs,
-                    sag=sag,
                     generator=generator,
                 )
                 yield out
@@ -681,27 +575,21 @@ class GaussianDiffusion:
         cond_fn=None,
         model_kwargs=None,
         eta=0.0,
-        sag=None,
         generator=None,
     ):
         """
         Sample x_{t-1} from the model using DDIM.
 
-        Same usage as p_sample(). With `sag`, the guided x_0 prediction is
-        used; `cond_fn` then corrects its score (condition_score).
+        Same usage as p_sample().
         """
-        if model_kwargs is None:
-            model_kwargs = {}
-        out = self.guided_p_mean_variance(
+        out = self.p_mean_variance(
             model,
             x,
             t,
             clip_denoised=clip_denoised,
             denoised_fn=denoised_fn,
             model_kwargs=model_kwargs,
-            sag=sag,
         )
-        out["pred_xstart"] = out["guided_xstart"]
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
 
@@ -726,7 +614,7 @@ class GaussianDiffusion:
             (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
         )  # no noise when t == 0
         sample = mean_pred + nonzero_mask * sigma * noise
-        return _step_result(sample, out)
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_reverse_sample(
         self,
@@ -778,7 +666,6 @@ class GaussianDiffusion:
         device=None,
         progress=False,
         eta=0.0,
-        sag=None,
         generator=None,
     ):
         """
@@ -798,7 +685,6 @@ class GaussianDiffusion:
             device=device,
             progress=progress,
             eta=eta,
-            sag=sag,
             generator=generator,
         ):
             final = sample
@@ -816,7 +702,6 @@ class GaussianDiffusion:
         device=None,
         progress=False,
         eta=0.0,
-        sag=None,
         generator=None,
     ):
         """
@@ -827,7 +712,7 @@ class GaussianDiffusion:
         """
         img, indices = self._loop_start(model, shape, noise, device, progress, generator)
         for i in indices:
-            t = th.full((shape[0],), i, device=img.device, dtype=th.long)  # no host copy
+            t = th.full((shape[0],), i, device=img.device, dtype=th.long)
             with th.no_grad():
                 out = self.ddim_sample(
                     model,
@@ -838,8 +723,7 @@ class GaussianDiffusion:
                     cond_fn=cond_fn,
                     model_kwargs=model_kwargs,
                     eta=eta,
-                    sag=sag,
-                    generator=generator,
+                            generator=generator,
                 )
                 yield out
                 img = out["sample"]
@@ -1028,15 +912,6 @@ class GaussianDiffusion:
             "xstart_mse": xstart_mse,
             "mse": mse,
         }
-
-
-def _step_result(sample, out):
-    """What a sampling step yields: the sample, the x_0 prediction, SAG pictures."""
-    result = {"sample": sample, "pred_xstart": out["pred_xstart"]}
-    for key in ("sag_mask", "sag_degraded_xstart"):
-        if key in out:
-            result[key] = out[key]
-    return result
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):

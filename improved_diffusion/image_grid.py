@@ -160,16 +160,16 @@ def class_rows(images, labels, class_names, per_class=8, scale=3, pad=2, label_w
 
 class AttentionMaskRecorder:
     """
-    Keeps, for a few guided steps of one batch, the x_0 prediction, the SAG
-    mask and the blurred prediction (the step outputs' 'pred_xstart',
-    'sag_mask', 'sag_degraded_xstart': no extra model calls), then writes one
-    PNG per step with the final sample beside them.
+    Keeps, for a few guided steps of one batch, the first pass's x_0
+    prediction, the SAG mask and the blurred prediction (the sampler's step
+    'sag_xstart', 'sag_mask', 'sag_degraded_xstart': no extra model calls),
+    then writes one PNG per step with the final sample beside them.
 
     :param out_dir: where ``step_XXXX.png`` files go.
-    :param guided: the respaced indices of the guided steps.
+    :param guided: the indices (counting down) of the guided evaluations.
     :param max_steps: how many of them to keep (evenly spread).
     :param max_samples: rows per picture.
-    :param timestep_map: respaced index -> model timestep, for the file names.
+    :param timestep_map: index -> model timestep, for the file names.
     """
 
     # The columns: the final sample, the x_0 prediction of that step, the SAG
@@ -191,7 +191,7 @@ class AttentionMaskRecorder:
         if index in self.steps and "sag_mask" in out:
             k = self.max_samples
             self.kept[index] = (
-                to_pixels(out["pred_xstart"][:k]),
+                to_pixels(out["sag_xstart"][:k]),
                 mask_to_pixels(out["sag_mask"][:k]),
                 to_pixels(out["sag_degraded_xstart"][:k]),
             )

@@ -93,10 +93,6 @@ class SpacedDiffusion(GaussianDiffusion):
     def p_mean_variance(self, model, *args, **kwargs):  # pylint: disable=signature-differs
         return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
 
-    def guided_p_mean_variance(self, model, *args, **kwargs):  # pylint: disable=signature-differs
-        # SAG's second pass calls the model directly: wrap it here too.
-        return super().guided_p_mean_variance(self._wrap_model(model), *args, **kwargs)
-
     def training_losses(self, model, *args, **kwargs):  # pylint: disable=signature-differs
         return super().training_losses(self._wrap_model(model), *args, **kwargs)
 

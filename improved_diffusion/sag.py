@@ -2,10 +2,9 @@
 Self-Attention Guidance (Hong et al., arXiv 2210.00939): which block to read,
 when to guide, and how strongly.
 
-:class:`SelfAttentionGuidance` is handed to the samplers
-(``p_sample_loop(..., sag=...)``, ``ddim_sample_loop(..., sag=...)``); the
-guided step itself is ``GaussianDiffusion.guided_p_mean_variance``, and the
-pure maths lives in :mod:`improved_diffusion.sag_ops`.
+:class:`SelfAttentionGuidance` is held by the guided denoiser
+(:mod:`improved_diffusion.guided_denoiser`), which runs the guided step for
+every sampler; the pure maths lives in :mod:`improved_diffusion.sag_ops`.
 """
 
 import math
@@ -61,7 +60,8 @@ class SelfAttentionGuidance:
 
     :param model: the UNetModel being sampled (its attention block is hooked).
     :param scale: guide_scale s; 1 means no guidance (the second pass is skipped).
-    :param start: a step with respaced index i is guided when start > i.
+    :param start: an evaluation with index i (the respaced step index; for
+        DPM-Solver++, the evaluations still to come) is guided when start > i.
     :param block: "output", "middle" or "input".
     :param depth: index of the block in that part (ignored for "middle").
     :param blur_sigma: standard deviation of the blur, in pixels (> 0).
@@ -145,12 +145,12 @@ class SelfAttentionGuidance:
         except SAGConfigError as e:
             raise UsageError(str(e)) from None
 
-    def applies(self, t):
-        """Whether the step at respaced index t (a batch tensor or int) is guided."""
-        if self.scale == 1.0:
-            return False
-        index = int(t[0]) if hasattr(t, "shape") and len(t.shape) else int(t)
-        return self.start > index
+    def applies(self, index):
+        """
+        Whether an evaluation with `index` evaluations after it is guided (the
+        published rule: the respaced step index i is guided when start > i).
+        """
+        return self.scale != 1.0 and self.start > int(index)
 
     def capture(self, keep="key_mass"):
         """

@@ -1,8 +1,8 @@
 """
 Drawing one seeded batch of samples (:class:`BatchDrawer`, what a script
-hands the run), and what the sampling scripts build around it: classifier
-guidance, the SAG pictures as a per-step callback, the uint8 cast, the log
-lines.
+hands the run; :func:`make_drawer` builds it from the flags), and what the
+sampling scripts build around it: the SAG pictures as a per-step callback,
+the uint8 cast, the log lines.
 
 The seed contract (docs/sag.md): the sample at position p of a run depends
 on ``seed + p`` alone, whatever the batch size and number of ranks.
@@ -13,17 +13,13 @@ import os
 from typing import Any, Callable, Optional, Tuple
 
 import torch as th
-import torch.nn.functional as F
 
+from . import dist_util
 from .cli import NonFiniteSamplesError
+from .guided_denoiser import ClassifierGuidance, GuidedDenoiser
 from .image_grid import AttentionMaskRecorder
 from .random_util import BatchGenerator
-
-
-def sampler_settings(args):
-    """The flags a :class:`BatchDrawer` reads, as its `settings`."""
-    return dict(seed=args.seed, use_ddim=args.use_ddim, eta=args.eta,
-                clip_denoised=args.clip_denoised)
+from .samplers import Sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,32 +30,29 @@ class BatchDrawer:
     with what a sampling script fixed once (the run calls it for every batch).
 
     Each position p gets a CPU generator seeded ``seed + p``; it draws its
-    label first (when `draw_labels`), then x_T, then every step's noise.
+    label first (when `draw_labels`), then x_T, then every step's noise (the
+    ancestral and DDIM samplers; DPM-Solver++ draws none).
 
-    :param model_fn: the model (or a function of x, t and model kwargs).
+    :param sampler: the :class:`~improved_diffusion.samplers.Sampler` of the run.
+    :param denoiser: the :class:`~improved_diffusion.guided_denoiser.GuidedDenoiser`
+        (the model with SAG and classifier guidance).
     :param image_shape: (C, H, W) of one sample.
-    :param settings: seed, use_ddim (DDIM steps with eta instead of
-        ancestral ones), eta, clip_denoised: :func:`sampler_settings`.
-    :param sag: None or the :class:`~improved_diffusion.sag.SelfAttentionGuidance`
-        every step uses.
-    :param cond_fn: None or a classifier-guidance gradient (:func:`make_cond_fn`).
     :param draw_labels: draw a label in 0..num_classes-1 per position (model kwarg ``y``).
     :param batch_inputs: optional ``batch_inputs(positions)`` -> (model_kwargs,
         labels or None) for inputs that come with the positions (the low-
         resolution images of super-resolution and their labels).
 
-    ``step_callback``, if given, is called as ``step_callback(index, out)``
-    after every step with the respaced index and the step's output dict
-    (which holds 'sag_mask' and 'sag_degraded_xstart' on guided steps).
+    ``step_callback``, if given, is called as ``step_callback(index, step)``
+    after every step with the index of the step's model evaluation (counting
+    down to 0) and the sampler's step dict (which holds 'sag_xstart',
+    'sag_mask' and 'sag_degraded_xstart' on guided steps).
     """
 
-    diffusion: Any
-    model_fn: Callable
+    sampler: Any
+    denoiser: Any
     image_shape: Tuple[int, int, int]
     device: Any
-    settings: dict
-    sag: Optional[Any] = None
-    cond_fn: Optional[Callable] = None
+    seed: int
     draw_labels: bool = False
     num_classes: int = 1000
     batch_inputs: Optional[Callable] = None
@@ -69,32 +62,47 @@ class BatchDrawer:
         if self.batch_inputs is not None:
             model_kwargs, labels = self.batch_inputs(positions)
         model_kwargs = dict(model_kwargs)
-        gen = BatchGenerator([self.settings["seed"] + p for p in positions])
+        gen = BatchGenerator([self.seed + p for p in positions])
         if self.draw_labels:
             drawn = gen.randint(self.num_classes, device=self.device)
             model_kwargs["y"] = drawn
             labels = drawn.cpu().numpy()
-        if self.settings["use_ddim"]:
-            loop = self.diffusion.ddim_sample_loop_progressive
-            extra = {"eta": self.settings["eta"]}
-        else:
-            loop, extra = self.diffusion.p_sample_loop_progressive, {}
-        index = self.diffusion.num_timesteps
-        for out in loop(
-            self.model_fn,
-            (len(positions), *self.image_shape),
-            clip_denoised=self.settings["clip_denoised"],
-            model_kwargs=model_kwargs,
-            cond_fn=self.cond_fn,
-            device=self.device,
-            sag=self.sag,
-            generator=gen,
-            **extra,
-        ):
-            index -= 1
+        x = gen.randn((len(positions), *self.image_shape), device=self.device)
+        for index, step in self.sampler(self.denoiser, x, model_kwargs, gen):
             if step_callback is not None:
-                step_callback(index, out)
-        return to_uint8(out["sample"], positions), labels
+                step_callback(index, step)
+        return to_uint8(step["sample"], positions), labels
+
+
+def make_drawer(args, model, diffusion, sag, classifier=None, *, labels_always=False,
+                batch_inputs=None, image_size=None):
+    """
+    The drawer of a sampling script's flags: the sampler (``--sampler``,
+    ``--use_ddim``, ``--eta``, ``--solver_*``), the guided denoiser (SAG,
+    and classifier guidance at ``--classifier_scale`` when `classifier` is
+    given) and the seed contract.
+
+    :param labels_always: draw a label for every position even for an
+        unconditional model (classifier_sample.py: the classifier needs them;
+        the model then does not see them).
+    :param batch_inputs: inputs (and labels) that come with the positions
+        (super-resolution); no label is drawn then.
+    :param image_size: the samples' size (default ``--image_size``).
+    """
+    model_fn = model
+    if labels_always and not args.class_cond:
+        def model_fn(x, t, y=None, **kwargs):  # the labels are the classifier's only
+            return model(x, t, **kwargs)
+    guidance = None
+    if classifier is not None:
+        guidance = ClassifierGuidance(classifier, args.classifier_scale)
+    denoiser = GuidedDenoiser.for_diffusion(model_fn, diffusion, clip_denoised=args.clip_denoised,
+                                            sag=sag, classifier=guidance)
+    size = image_size or args.image_size
+    draw_labels = (labels_always or args.class_cond) and batch_inputs is None
+    return BatchDrawer(Sampler.from_args(args, diffusion), denoiser, (3, size, size),
+                       dist_util.dev(), args.seed, draw_labels=draw_labels,
+                       num_classes=args.num_classes, batch_inputs=batch_inputs)
 
 
 def to_uint8(sample, positions=None):
@@ -118,22 +126,7 @@ def to_uint8(sample, positions=None):
     return sample.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def make_cond_fn(classifier, scale):
-    """The classifier-guidance gradient function of guided-diffusion's scripts."""
-
-    def cond_fn(x, t, y=None, **_):
-        assert y is not None
-        with th.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            logits = classifier(x_in, t)
-            log_probs = F.log_softmax(logits, dim=-1)
-            selected = log_probs[range(len(logits)), y.view(-1)]
-            return th.autograd.grad(selected.sum(), x_in)[0] * scale
-
-    return cond_fn
-
-
-def sag_pictures(args, sag, diffusion, log_dir):
+def sag_pictures(args, drawer, log_dir):
     """
     The per-step callback of ``--save_attention_masks``: it keeps a few
     guided steps of a batch and, at ``batch_done(images)``, writes them to
@@ -141,20 +134,24 @@ def sag_pictures(args, sag, diffusion, log_dir):
     """
     if not args.save_attention_masks:
         return None
-    guided = [i for i in range(diffusion.num_timesteps) if sag.applies(i)]
+    sampler, denoiser = drawer.sampler, drawer.denoiser
+    guided = [i for i in range(sampler.steps) if denoiser.guides(i)]
     return AttentionMaskRecorder(os.path.join(log_dir, "attention_masks"), guided,
-                                 timestep_map=getattr(diffusion, "timestep_map", None))
+                                 timestep_map=sampler.model_timesteps())
 
 
-def describe_setup(args, model, diffusion, sag=None, extra=()):
+def describe_setup(args, model, drawer, extra=()):
     """Lines for the log: what is sampled, and how."""
     params = sum(p.numel() for p in model.parameters()) / 1e6
     dtype = str(getattr(model, "dtype", "float32")).replace("torch.", "")
-    sampler = f"DDIM (eta {args.eta})" if args.use_ddim else "ancestral"
+    sampler, sag = drawer.sampler, drawer.denoiser.sag
     lines = [
         f"model {args.model_path}: {params:.1f}M parameters, torso in {dtype}",
-        f"{diffusion.num_timesteps} {sampler} steps, seed {args.seed}",
+        f"{sampler.describe()}, seed {args.seed}",
     ]
+    if sampler.name == "dpmsolver++" and getattr(args, "timestep_respacing", ""):
+        lines.append(f"--timestep_respacing {args.timestep_respacing} does not apply to dpmsolver++ "
+                     f"(it takes --solver_steps {sampler.steps} over the full schedule)")
     if sag is None or sag.scale == 1.0:
         lines.append("self-attention guidance off (--guide_scale 1)")
     else:
@@ -163,6 +160,6 @@ def describe_setup(args, model, diffusion, sag=None, extra=()):
         kind = "true attention" if sag.true_attention else f"published map, --num_heads {sag.num_heads}"
         lines.append(
             f"self-attention guidance: scale {sag.scale}, attention of {where} ({kind}), "
-            f"blur sigma {sag.blur_sigma}, steps with index < {sag.start}"
+            f"blur sigma {sag.blur_sigma}, evaluations with index < {sag.start}"
         )
     return lines + list(extra)

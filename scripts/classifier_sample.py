@@ -43,39 +43,18 @@ def main(argv=None):
         model, diffusion = cli.agree(model_from_args, args)
         sag = cli.agree(SelfAttentionGuidance.from_args, model, args)
         classifier = cli.agree(classifier_from_args, args) if guided else None
-        draw = make_drawer(args, model, diffusion, sag, classifier)
+        draw = sampling.make_drawer(args, model, diffusion, sag, classifier, labels_always=True)
 
         guidance = (
             f"classifier guidance: scale {args.classifier_scale}, {args.classifier_path}"
             if guided else "classifier guidance off (--classifier_guidance False)"
         )
-        return Batches(draw, sampling.describe_setup(args, model, diffusion, sag, [guidance]),
-                       sampling.sag_pictures(args, sag, diffusion, log_dir))
+        return Batches(draw, sampling.describe_setup(args, model, draw, [guidance]),
+                       sampling.sag_pictures(args, draw, log_dir))
 
     path = sample_to_npz(args, "classifier_sample", args.image_size, True, files, setup)
     if path:
         print(path, flush=True)
-
-
-def make_drawer(args, model, diffusion, sag, classifier):
-    """
-    How this script draws one batch (also used by scripts/sag_sweep.py):
-    labels drawn for every position, classifier guidance when
-    --classifier_guidance is on (`classifier` given).
-    """
-    cond_fn = None
-    if args.classifier_guidance:
-        cond_fn = sampling.make_cond_fn(classifier, args.classifier_scale)
-
-    def model_fn(x, t, y=None, **kwargs):
-        # Labels are drawn for the classifier; the model sees them if it is conditional.
-        return model(x, t, y if args.class_cond else None, **kwargs)
-
-    return sampling.BatchDrawer(
-        diffusion, model_fn, (3, args.image_size, args.image_size), dist_util.dev(),
-        sampling.sampler_settings(args), sag=sag, cond_fn=cond_fn, draw_labels=True,
-        num_classes=args.num_classes,
-    )
 
 
 def create_argparser():

@@ -34,23 +34,15 @@ def main(argv=None):
     def setup(log_dir):
         model, diffusion = cli.agree(model_from_args, args)
         sag = cli.agree(SelfAttentionGuidance.from_args, model, args)
-        return Batches(make_drawer(args, model, diffusion, sag), sampling.describe_setup(args, model, diffusion, sag),
-                       sampling.sag_pictures(args, sag, diffusion, log_dir))
+        draw = sampling.make_drawer(args, model, diffusion, sag)
+        return Batches(draw, sampling.describe_setup(args, model, draw),
+                       sampling.sag_pictures(args, draw, log_dir))
 
     path = sample_to_npz(args, "image_sample", args.image_size, args.class_cond,
                          {"model_path": args.model_path}, setup)
     if path:
         print(path, flush=True)
     return path  # the npz on rank 0, None on the others
-
-
-def make_drawer(args, model, diffusion, sag):
-    """How this script draws one batch (also used by scripts/sag_sweep.py)."""
-    return sampling.BatchDrawer(
-        diffusion, model, (3, args.image_size, args.image_size), dist_util.dev(),
-        sampling.sampler_settings(args), sag=sag, draw_labels=args.class_cond,
-        num_classes=args.num_classes,
-    )
 
 
 def create_argparser():

@@ -41,10 +41,10 @@ import torch as th
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from improved_diffusion import sag_ops  # noqa: E402
 from improved_diffusion.checkpoints import model_from_card  # noqa: E402
 from improved_diffusion.image_datasets import first_images  # noqa: E402
 from improved_diffusion.model_card import read_model_card  # noqa: E402
+from improved_diffusion.guided_denoiser import DiffusionTimes, GuidedDenoiser  # noqa: E402
 from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
 
 
@@ -70,20 +70,17 @@ def coverage(mask, fg):
 
 def sag_step_parts(model, diffusion, x_t, t, cond, sag):
     """
-    (mask, x0, x0_blur, x0_bar) of one SAG step at x_t, unclipped: the first
-    pass's x_0 and the block's mask, x_0 blurred under the mask, and the
-    second pass's x_0 on it re-noised with the first pass's eps.
+    (mask, x0, x0_blur, x0_bar) of one SAG step at x_t, unclipped, from the
+    guided denoiser's pictures: the first pass's x_0 and the block's mask,
+    x_0 blurred under the mask, and the second pass's x_0 on it re-noised
+    with the first pass's eps. `sag` must apply at t (its start above t).
     """
+    denoiser = GuidedDenoiser.for_diffusion(model, diffusion, clip_denoised=False, sag=sag)
     with th.no_grad():
-        with sag.capture() as attention:
-            out = diffusion.p_mean_variance(model, x_t, t, clip_denoised=False, model_kwargs=cond)
-        mask = sag.mask(attention, x_t.shape)
-        x0 = out["pred_xstart"]
-        x0_blur = sag_ops.degrade(x0, mask, sag.blur_sigma, separable_blur=sag.separable_blur)
-        x_bar = diffusion.q_sample(x0_blur, t, noise=out["eps"])
-        x0_bar = diffusion.p_mean_variance(model, x_bar, t, clip_denoised=False,
-                                           model_kwargs=cond)["pred_xstart"]
-    return mask, x0, x0_blur, x0_bar
+        pictures = denoiser(x_t, t, DiffusionTimes(diffusion), cond).pictures
+    assert pictures is not None, "SAG does not apply at this t (its --guide_start)"
+    return (pictures["sag_mask"], pictures["pred_xstart"], pictures["sag_degraded_xstart"],
+            pictures["second_pass_xstart"])
 
 
 def restored(x0, x0_blur, x0_bar):
@@ -122,8 +119,8 @@ def main(argv=None):
             tt = th.full((len(x0),), t)
             noised.append((tt, diffusion.q_sample(x0, tt, noise=th.randn(x0.shape, generator=g))))
         for part, depth in sorted(model.attention_blocks()):
-            sag = SelfAttentionGuidance(model, scale=2.0, block=part, depth=depth,
-                                        blur_sigma=args.blur_sigma,
+            sag = SelfAttentionGuidance(model, scale=2.0, start=diffusion.num_timesteps,
+                                        block=part, depth=depth, blur_sigma=args.blur_sigma,
                                         num_heads=flags["num_heads"])
             cells = []
             for tt, x_t in noised:

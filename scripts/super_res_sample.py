@@ -59,14 +59,12 @@ def main(argv=None):
                 model_kwargs["y"] = th.from_numpy(batch_labels).to(device)
             return model_kwargs, batch_labels
 
-        draw = sampling.BatchDrawer(
-            diffusion, model, (3, args.large_size, args.large_size), device,
-            sampling.sampler_settings(args), sag=sag, batch_inputs=base_inputs,
-        )
+        draw = sampling.make_drawer(args, model, diffusion, sag, batch_inputs=base_inputs,
+                                    image_size=args.large_size)
 
         base = f"base samples {args.base_samples}: {len(images)} images"
-        return Batches(draw, sampling.describe_setup(args, model, diffusion, sag, [base]),
-                       sampling.sag_pictures(args, sag, diffusion, log_dir))
+        return Batches(draw, sampling.describe_setup(args, model, draw, [base]),
+                       sampling.sag_pictures(args, draw, log_dir))
 
     path = sample_to_npz(args, "super_res_sample", args.large_size, args.class_cond, files, setup)
     if path:

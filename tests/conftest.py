@@ -112,6 +112,23 @@ def tiny():
     return tiny_model()
 
 
+def draw(diffusion, model, sag=None, ddim=False, seeds=(0, 1), classifier=None, model_kwargs=None,
+         eta=0.0, size=16, device=None, prefetch=None):
+    """
+    Samples (float NCHW, the final x) of `model` at `seeds` through the
+    fork's sampler and guided denoiser: ancestral or DDIM over `diffusion`.
+    """
+    from improved_diffusion.guided_denoiser import GuidedDenoiser
+    from improved_diffusion.random_util import BatchGenerator
+    from improved_diffusion.samplers import Sampler
+
+    gen = BatchGenerator(list(seeds)) if prefetch is None else BatchGenerator(list(seeds), prefetch=prefetch)
+    x = gen.randn((len(seeds), 3, size, size), device=device)
+    sampler = Sampler.ddim(diffusion, eta) if ddim else Sampler.ddpm(diffusion)
+    denoiser = GuidedDenoiser.for_diffusion(model, diffusion, sag=sag, classifier=classifier)
+    return sampler.run(denoiser, x, model_kwargs, gen)
+
+
 def record_applied_lrs(loop):
     """A list that fills with the lr of each optimizer step `loop` takes (wraps loop.opt.step)."""
     applied = []

@@ -7,7 +7,7 @@ CUDA (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
 import pytest
 import torch as th
 
-from conftest import tiny_model
+from conftest import draw, tiny_model
 from improved_diffusion import unet
 from improved_diffusion.attention_capture import AttentionCapture
 from improved_diffusion.random_util import BatchGenerator
@@ -72,14 +72,12 @@ def test_captured_layer_computes_once_others_fused(monkeypatch):
 def test_fp16_sag_sampling_on_cuda_close_to_cpu_fp32(ddim):
     model, diffusion = tiny_model()
     sag = SelfAttentionGuidance(model, scale=1.5, depth=0, num_heads=2, blur_sigma=1.0)
-    fn = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
-    shape = (4, 3, 16, 16)
-    want = fn(model, shape, sag=sag, generator=BatchGenerator([0, 1, 2, 3]))
-    other = fn(model, shape, sag=sag, generator=BatchGenerator([4, 5, 6, 7]))
+    want = draw(diffusion, model, sag=sag, ddim=ddim, seeds=(0, 1, 2, 3))
+    other = draw(diffusion, model, sag=sag, ddim=ddim, seeds=(4, 5, 6, 7))
     model.to(DEV)
-    got32 = fn(model, shape, sag=sag, device=DEV, generator=BatchGenerator([0, 1, 2, 3]))
+    got32 = draw(diffusion, model, sag=sag, ddim=ddim, seeds=(0, 1, 2, 3), device=DEV)
     model.convert_to_fp16(half_dtype_for(DEV, True))
-    got16 = fn(model, shape, sag=sag, device=DEV, generator=BatchGenerator([0, 1, 2, 3]))
+    got16 = draw(diffusion, model, sag=sag, ddim=ddim, seeds=(0, 1, 2, 3), device=DEV)
     apart = (_to8(other) - _to8(want)).abs().float().mean()
     for got, limit in ((got32, 1.0), (got16, 4.0)):
         assert got.device.type == "cuda" and got.dtype == th.float32 and th.isfinite(got).all()

@@ -61,6 +61,10 @@ from conftest import ROOT, env_for, load_script
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 with open(os.path.join(GOLDEN, "cases.json")) as f:
     CASES = json.load(f)
+# DPM-Solver++ cases drawn by the official solver (tests/golden/make_solver_cases.py).
+with open(os.path.join(GOLDEN, "solver_cases.json")) as f:
+    SOLVER_CASES = json.load(f)
+ALL_CASES = {**CASES, **SOLVER_CASES}
 
 HEADCH16 = "tiny64_headch16_sag"
 # Per-sample mean |diff| bound of the headch16 case (module docstring).
@@ -86,7 +90,7 @@ def case_command(case, extra=()):
 
 def run_case(name, tmp_path, extra=(), threads="1"):
     """Run case `name`; return the npz's arrays (arr_0, and arr_1 if any)."""
-    case = CASES[name]
+    case = ALL_CASES[name]
     out = tmp_path / "out"
     env = env_for(out, OMP_NUM_THREADS=threads)
     res = subprocess.run(
@@ -100,7 +104,7 @@ def run_case(name, tmp_path, extra=(), threads="1"):
 
 
 def expected(name):
-    with np.load(golden_path(CASES[name]["expected"])) as data:
+    with np.load(golden_path(ALL_CASES[name]["expected"])) as data:
         return {k: data[k] for k in data.keys()}
 
 
@@ -147,8 +151,8 @@ def draw_with_key_mass(name, perturb_seed=None, float64=False, extra=()):
 
     sag.mask = recording_mask
     size = args.image_size
-    draw = sampling.BatchDrawer(diffusion, model, (3, size, size), "cpu",
-                                sampling.sampler_settings(args), sag=sag)
+    draw = sampling.make_drawer(args, model, diffusion, sag)
+    assert draw.image_shape == (3, size, size)
     images, _ = draw(list(range(args.num_samples)))
     return images, (th.stack(masses) if masses else None)
 
@@ -187,7 +191,8 @@ def test_cases_cover_both_scripts_and_samplers():
     """The golden set keeps its parity coverage: DDPM, DDIM, class-conditional + CG."""
     assert set(CASES) == {
         "tiny64_heads4_sag", "tiny64_heads4_nosag", "tiny64_headch16_sag",
-        "tiny64_cg_sag", "tiny64_ddim_sag",
+        "tiny64_cg_sag", "tiny64_ddim_sag", "tiny64_ddim_cg_sag", "tiny64_ddim_eta_sag",
+        "tiny64_window_sag", "tiny64_dpmpp2m_nosag", "tiny64_dpmpp2m_sag",
     }
     assert CASES["tiny64_cg_sag"]["script"] == "classifier_sample.py"
     assert "--use_ddim True" in CASES["tiny64_ddim_sag"]["model_flags"]
@@ -196,9 +201,10 @@ def test_cases_cover_both_scripts_and_samplers():
         assert os.path.isfile(golden_path(case["expected"]))
 
 
-@pytest.mark.parametrize("name", sorted(set(CASES) - {HEADCH16}))
+@pytest.mark.parametrize("name", sorted(set(ALL_CASES) - {HEADCH16}))
 def test_golden_case(name, tmp_path):
     want = expected(name)
+    want.pop("x_final", None)  # the solver cases' float samples (test_solver_case_in_float)
     got = run_case(name, tmp_path)
     assert sorted(got) == sorted(want)
     mean, frac = diff_stats(got["arr_0"], want["arr_0"])
@@ -206,6 +212,49 @@ def test_golden_case(name, tmp_path):
     if "arr_1" in want:  # labels: drawn under the seed contract, exactly
         assert got["arr_1"].dtype == np.int64
         np.testing.assert_array_equal(got["arr_1"], want["arr_1"])
+
+
+def test_solver_cases_cover_orders_steps_and_guidance():
+    """What the official solver's cases exercise (besides the two golden ones)."""
+    flags = {name: case["sample_flags"] + " " + case["sag_flags"] for name, case in SOLVER_CASES.items()}
+    for name, case in SOLVER_CASES.items():
+        assert "--sampler dpmsolver++" in flags[name] and "timestep_respacing" not in case["model_flags"]
+        assert os.path.isfile(golden_path(case["expected"]))
+    text = " | ".join(flags.values())
+    for needed in ("--solver_order 1", "--solver_order 3", "--skip_type logSNR", "--solver_steps 12",
+                   "--solver_steps 7", "--classifier_guidance True"):
+        assert needed in text, needed
+
+
+def draw_case_in_process(name):
+    """A case drawn in this process through the package: (final float samples, labels)."""
+    from improved_diffusion import cli, sampling
+    from improved_diffusion.checkpoints import classifier_from_args, model_from_args
+    from improved_diffusion.sag import SelfAttentionGuidance
+
+    case = ALL_CASES[name]
+    script = case.get("script", "image_sample.py")[: -len(".py")]
+    argv = case_command(case)[2:]
+    args = cli.parse_sample_args(load_script(script).create_argparser(), argv)
+    model, diffusion = model_from_args(args)
+    sag = SelfAttentionGuidance.from_args(model, args)
+    guided = getattr(args, "classifier_guidance", False)
+    classifier = classifier_from_args(args) if guided else None
+    draw = sampling.make_drawer(args, model, diffusion, sag, classifier,
+                                labels_always=script == "classifier_sample")
+    steps = []
+    _, labels = draw(list(range(args.num_samples)), lambda index, step: steps.append(step["sample"]))
+    return steps[-1], labels
+
+
+@pytest.mark.parametrize("name", sorted(SOLVER_CASES))
+def test_solver_case_in_float(name):
+    """The official solver's float samples, before the uint8 cast: equal up to float rounding."""
+    got, labels = draw_case_in_process(name)
+    want = expected(name)
+    np.testing.assert_allclose(got.numpy(), want["x_final"], rtol=0, atol=1e-5)
+    if "arr_1" in want:
+        np.testing.assert_array_equal(labels, want["arr_1"])
 
 
 def test_golden_cg_needs_the_classifier(tmp_path):

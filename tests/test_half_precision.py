@@ -5,9 +5,8 @@ import warnings
 import pytest
 import torch as th
 
-from conftest import tiny_model
+from conftest import draw, tiny_model
 from improved_diffusion import script_util
-from improved_diffusion.random_util import BatchGenerator
 from improved_diffusion.sag import SelfAttentionGuidance
 from improved_diffusion.script_util import half_dtype_for, prepare_model_for_sampling
 
@@ -44,18 +43,16 @@ def test_prepare_model_for_sampling_cpu(monkeypatch):
 
 
 def _sample(model, diffusion, sag, seeds=(0, 1, 2, 3)):
-    gen = BatchGenerator(seeds)
-    return diffusion.p_sample_loop(model, (len(seeds), 3, 16, 16), sag=sag, generator=gen)
+    return draw(diffusion, model, sag=sag, seeds=seeds)
 
 
 @pytest.mark.parametrize("ddim", [False, True])
 def test_bf16_sag_sampling_stays_close_to_fp32(ddim):
     model, diffusion = tiny_model()
     sag = SelfAttentionGuidance(model, scale=1.5, depth=0, num_heads=2, blur_sigma=1.0)
-    fn = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
 
     def sample(seeds):
-        return fn(model, (4, 3, 16, 16), sag=sag, generator=BatchGenerator(seeds))
+        return draw(diffusion, model, sag=sag, ddim=ddim, seeds=seeds)
 
     want = sample([0, 1, 2, 3])
     other = sample([4, 5, 6, 7])

@@ -6,6 +6,7 @@ import torch as th
 from conftest import tiny_model
 from improved_diffusion import sag_ops, unet
 from improved_diffusion.attention_capture import AttentionCapture
+from improved_diffusion.guided_denoiser import DiffusionTimes, GuidedDenoiser
 from improved_diffusion.sag import SelfAttentionGuidance
 from improved_diffusion.script_util import prepare_model_for_sampling
 from sag_reference import attention_mask, attention_weights
@@ -185,8 +186,10 @@ def test_sag_step_mask_unchanged_by_fast_paths(tiny):
     with sag.capture(keep="weights") as cap:
         diffusion.p_mean_variance(model, x, t)
     want = attention_mask(cap.weights, 2, (3, 16, 16))
-    out = diffusion.guided_p_mean_variance(model, x, t, sag=sag)
-    assert th.equal(out["sag_mask"], want)
+    denoiser = GuidedDenoiser.for_diffusion(model, diffusion, sag=sag)
+    with th.no_grad():
+        out = denoiser(x, t, DiffusionTimes(diffusion))
+    assert th.equal(out.pictures["sag_mask"], want)
 
 
 @pytest.mark.parametrize("size", [5, 15, 16, 17, 40])

@@ -8,6 +8,7 @@ import re
 import torch as th
 
 from conftest import load_script, probe_inputs, tiny_model
+from improved_diffusion.guided_denoiser import DiffusionTimes, GuidedDenoiser
 from improved_diffusion.sag import SelfAttentionGuidance
 
 
@@ -22,14 +23,16 @@ def test_guided_xstart_is_x0_less_scale_minus_one_times_what_the_second_pass_add
     for scale in (1.5, 0.8):
         sag = SelfAttentionGuidance(model, scale=scale, start=1000, block="output", depth=0,
                                     blur_sigma=1.0, num_heads=2)  # every step guided
+        denoiser = GuidedDenoiser.for_diffusion(model, diffusion, clip_denoised=False, sag=sag)
         with th.no_grad():
-            out = diffusion.guided_p_mean_variance(model, x_t, t, clip_denoised=False, sag=sag)
+            out = denoiser(x_t, t, DiffusionTimes(diffusion))
+        guided_xstart = diffusion._predict_xstart_from_eps(x_t, t, out.eps)
         mask, x0, x0_blur, x0_bar = probe.sag_step_parts(model, diffusion, x_t, t, {}, sag)
-        assert th.equal(mask, out["sag_mask"])
+        assert th.equal(mask, out.pictures["sag_mask"])
         assert not th.allclose(x0_bar, x0_blur)  # the second pass moved something
         expected = x0 - (scale - 1) * (x0_bar - x0_blur)
-        assert th.allclose(out["guided_xstart"], expected, atol=1e-5), (
-            (out["guided_xstart"] - expected).abs().max())
+        assert th.allclose(guided_xstart, expected, atol=1e-5), (
+            (guided_xstart - expected).abs().max())
 
 
 def test_restored_is_the_least_squares_coefficient():

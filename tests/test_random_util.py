@@ -3,7 +3,7 @@
 import pytest
 import torch as th
 
-from conftest import tiny_model
+from conftest import draw, tiny_model
 from improved_diffusion.random_util import BatchGenerator
 from improved_diffusion.sag import SelfAttentionGuidance
 
@@ -49,8 +49,6 @@ def test_default_draws_ahead_on_cuda_only():
 def test_sampling_with_drawing_ahead_is_identical(ddim):
     model, diffusion = tiny_model()
     sag = SelfAttentionGuidance(model, scale=1.5, depth=0, num_heads=2, blur_sigma=1.0)
-    fn = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
-    kw = {"eta": 1.0} if ddim else {}
-    want = fn(model, (2, 3, 16, 16), sag=sag, generator=BatchGenerator([3, 4], prefetch=False), **kw)
-    got = fn(model, (2, 3, 16, 16), sag=sag, generator=BatchGenerator([3, 4], prefetch=True), **kw)
+    want = draw(diffusion, model, sag=sag, ddim=ddim, eta=1.0, seeds=(3, 4), prefetch=False)
+    got = draw(diffusion, model, sag=sag, ddim=ddim, eta=1.0, seeds=(3, 4), prefetch=True)
     assert th.equal(got, want)

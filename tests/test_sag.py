@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch as th
 
-from conftest import ROOT, tiny_model
+from conftest import ROOT, draw, tiny_model
 from improved_diffusion.attention_capture import AttentionCapture
-from improved_diffusion.random_util import BatchGenerator
+from improved_diffusion.guided_denoiser import DiffusionTimes, GuidedDenoiser
 from improved_diffusion.sag import SAGConfigError, SelfAttentionGuidance
+from improved_diffusion.samplers import Sampler
 from improved_diffusion.sampling import BatchDrawer
 
 
@@ -116,12 +117,7 @@ class CountingModel(th.nn.Module):
         return self.model(*args, **kwargs)
 
 
-def _sample(diffusion, model, sag=None, ddim=False, seeds=(0, 1), cond_fn=None, model_kwargs=None, eta=0.0):
-    gen = BatchGenerator(seeds)
-    fn = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
-    kw = {"eta": eta} if ddim else {}
-    return fn(model, (len(seeds), 3, 16, 16), sag=sag, generator=gen, cond_fn=cond_fn,
-              model_kwargs=model_kwargs, **kw)
+_sample = draw
 
 
 @pytest.mark.parametrize("ddim", [False, True])
@@ -158,43 +154,60 @@ def test_guidance_window(tiny):
         counted.calls = 0
         _sample(diffusion, counted, sag=sag)
         assert counted.calls == 4 + n_guided
-        guided_steps.append([sag.applies(th.tensor([i])) for i in (3, 2, 1, 0)])
+        guided_steps.append([sag.applies(i) for i in (3, 2, 1, 0)])
     assert guided_steps[1] == [False, False, True, True]
 
 
-def test_guided_step_reports_unguided_xstart_and_first_pass_variance(tiny):
+def test_guided_denoiser_keeps_first_pass_variance_and_reports_its_xstart(tiny):
     model, diffusion = tiny
     sag = SelfAttentionGuidance(model, scale=2.0, depth=0, num_heads=2)
     x = th.randn(2, 3, 16, 16)
     t = th.tensor([2, 2])
-    plain = diffusion.p_mean_variance(model, x, t)
-    guided = diffusion.guided_p_mean_variance(model, x, t, sag=sag)
-    assert th.equal(plain["pred_xstart"], guided["pred_xstart"])
-    assert th.equal(plain["log_variance"], guided["log_variance"])
-    assert not th.equal(plain["mean"], guided["mean"])
-    assert guided["sag_mask"].shape == x.shape
+    times = DiffusionTimes(diffusion)
+    with th.no_grad():
+        plain = GuidedDenoiser.for_diffusion(model, diffusion)(x, t, times)
+        guided = GuidedDenoiser.for_diffusion(model, diffusion, sag=sag)(x, t, times)
+    assert plain.pictures is None
+    assert th.equal(plain.output[:, 3:], guided.output[:, 3:])  # the variance channels
+    assert not th.equal(plain.eps, guided.eps)
+    assert th.equal(guided.output[:, :3], guided.eps)
+    # The pictures' x_0 is the first pass's (the unguided prediction, clamped).
+    want = diffusion.p_mean_variance(model, x, t)["pred_xstart"]
+    assert th.equal(guided.pictures["pred_xstart"], want)
+    assert guided.pictures["sag_mask"].shape == x.shape
+
+
+class ConstantGradient:
+    """Classifier guidance whose gradient is 1 everywhere (records its calls)."""
+
+    scale = 0.5
+
+    def __init__(self):
+        self.calls = []
+
+    def gradient(self, x, t, **kwargs):
+        self.calls.append(t)
+        return th.ones_like(x)
+
+    def __call__(self, x, t, **kwargs):
+        return self.gradient(x, t) * self.scale
 
 
 def test_classifier_guidance_with_sag(tiny):
     model, diffusion = tiny
     sag = SelfAttentionGuidance(model, scale=1.5, depth=0, num_heads=2)
-    calls = []
-
-    def cond_fn(x, t, **kwargs):
-        calls.append(t)
-        return th.ones_like(x) * 0.5
-
     for ddim in (False, True):
-        calls.clear()
+        classifier = ConstantGradient()
         base = _sample(diffusion, model, sag=sag, ddim=ddim)
-        guided = _sample(diffusion, model, sag=sag, ddim=ddim, cond_fn=cond_fn)
-        assert len(calls) == 4
+        guided = _sample(diffusion, model, sag=sag, ddim=ddim, classifier=classifier)
+        assert len(classifier.calls) == 4
         assert guided.mean() > base.mean()  # the gradient pushes every pixel up
 
 
-def _drawer(diffusion, model, seed, use_ddim=False, **kwargs):
-    settings = dict(seed=seed, use_ddim=use_ddim, eta=0.0, clip_denoised=True)
-    return BatchDrawer(diffusion, model, (3, 16, 16), "cpu", settings, **kwargs)
+def _drawer(diffusion, model, seed, use_ddim=False, sag=None, **kwargs):
+    sampler = Sampler.ddim(diffusion) if use_ddim else Sampler.ddpm(diffusion)
+    denoiser = GuidedDenoiser.for_diffusion(model, diffusion, sag=sag)
+    return BatchDrawer(sampler, denoiser, (3, 16, 16), "cpu", seed, **kwargs)
 
 
 def test_seed_contract_batch_sizes(tiny):

@@ -182,9 +182,10 @@ def test_grid_and_attention_pictures(tmp_path):
                                      max_samples=2, timestep_map=list(range(0, 1000, 100)))
     assert recorder.steps == [9, 6, 3, 0]
     for index in range(9, -1, -1):
-        out = {"pred_xstart": th.zeros(3, 3, 8, 8)}
+        out = {"sample": th.zeros(3, 3, 8, 8)}
         if index % 2 == 0 or index == 9:
-            out.update(sag_mask=th.ones(3, 3, 8, 8), sag_degraded_xstart=th.zeros(3, 3, 8, 8))
+            out.update(sag_xstart=th.zeros(3, 3, 8, 8), sag_mask=th.ones(3, 3, 8, 8),
+                       sag_degraded_xstart=th.zeros(3, 3, 8, 8))
         recorder(index, out)
     paths = recorder.save(np.zeros((3, 8, 8, 3), dtype=np.uint8))
     assert [os.path.basename(p) for p in paths] == ["step_0009_t0900.png", "step_0006_t0600.png",
