@@ -50,6 +50,8 @@ from improved_diffusion.checkpoints import classifier_from_args, model_from_args
 from improved_diffusion.file_util import atomic_json, atomic_write  # noqa: E402
 from improved_diffusion.sample_run import Batches, default_log_dir, sample_to_npz  # noqa: E402
 from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
+from improved_diffusion.samplers import sampler_name  # noqa: E402
+from improved_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
 
 def _load_script(name):
     """A sampling script of this folder as a module (its flags and nothing run)."""
@@ -66,8 +68,11 @@ classifier_sample = _load_script("classifier_sample")
 # sample at guide_scale 1.0 (SelfAttentionGuidance.applies is then False at
 # every step and the sampler takes the plain path).
 SAG_ONLY = ("blur_sigma", "sel_attn_block", "sel_attn_depth", "guide_start", "sag_true_attention")
-SWEEPABLE = ("guide_scale",) + SAG_ONLY + (
-    "use_ddim", "eta", "clip_denoised", "classifier_scale", "classifier_guidance")
+# The sampler's flags (a setting with another --timestep_respacing gets its own diffusion).
+SAMPLER_FLAGS = ("sampler", "use_ddim", "eta", "timestep_respacing", "solver_steps", "solver_order",
+                 "skip_type", "solver_time_map")
+SWEEPABLE = ("guide_scale",) + SAG_ONLY + SAMPLER_FLAGS + (
+    "clip_denoised", "classifier_scale", "classifier_guidance")
 CLASSIFIER_FLAGS = ("classifier_scale", "classifier_guidance")
 BASELINE_SCALE = 1.0
 SWEEP_DIR = "settings"
@@ -83,10 +88,14 @@ def add_sweep_flags(parser):
                         help="the evaluator's Inception weights (evaluations/evaluator.py)")
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="bootstrap resamples of the positions for the intervals (0: none)")
+    parser.add_argument("--reference", default="",
+                        help="a setting's name: every row is also compared with it (ref_diff_*)")
     return parser
 
 
-SWEEP_DESTS = ("grid", "ref_batch", "inception_path", "bootstrap")
+SWEEP_DESTS = ("grid", "ref_batch", "inception_path", "bootstrap", "reference")
+# Flags that set how many steps a sampler takes (the x axis of nfe.png).
+STEP_FLAGS = ("timestep_respacing", "solver_steps")
 
 
 # ---------------------------------------------------------------------------
@@ -96,7 +105,7 @@ SWEEP_DESTS = ("grid", "ref_batch", "inception_path", "bootstrap")
 
 def grid_names(text):
     """The flag names of a grid text (for choosing the script before parsing values)."""
-    return [item.split("=", 1)[0] for item in text.split()]
+    return [item.split("=", 1)[0] for item in text.replace(";", " ").split()]
 
 
 def parse_args(argv):
@@ -113,6 +122,17 @@ def parse_args(argv):
     if sweep.bootstrap < 0:
         raise cli.pure_usage_error(f"--bootstrap must be >= 0, got {sweep.bootstrap}")
     return fixed, sweep, script, name
+
+
+def parse_grids(text, parser):
+    """
+    ``"flag=v1,v2 flag2=w1; flag3=u1,u2"`` -> one grid per ``;``-separated
+    part (settings: the union of their products), each as :func:`parse_grid`.
+    """
+    parts = text.split(";")
+    if len(parts) > 1 and any(not part.split() for part in parts):
+        raise cli.pure_usage_error(f"--grid: an empty part between ';' in {text!r}")
+    return [parse_grid(part, parser) for part in parts]
 
 
 def parse_grid(text, parser):
@@ -187,6 +207,36 @@ def settings_of(grid, fixed):
             notes.append(f"the grid has no guide_scale {BASELINE_SCALE}: adding the no-SAG "
                          f"baseline {base['name']}")
     return settings, notes
+
+
+def settings_of_grids(grids, fixed):
+    """The settings of several grids: each grid's (:func:`settings_of`), each name once."""
+    settings, notes, names = [], [], set()
+    for grid in grids:
+        part, part_notes = settings_of(grid, fixed)
+        settings += [s for s in part if s["name"] not in names]
+        names.update(s["name"] for s in part)
+        notes += part_notes
+    return settings, notes
+
+
+def diffusion_of(args):
+    """The diffusion of a setting's flags (its own --timestep_respacing)."""
+    try:
+        return create_gaussian_diffusion(
+            steps=args.diffusion_steps, learn_sigma=args.learn_sigma, noise_schedule=args.noise_schedule,
+            use_kl=args.use_kl, predict_xstart=args.predict_xstart,
+            rescale_timesteps=args.rescale_timesteps, rescale_learned_sigmas=args.rescale_learned_sigmas,
+            timestep_respacing=args.timestep_respacing)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+
+
+def network_evaluations(args, diffusion):
+    """Model evaluations per sample: one per step, two where SAG applies (classifier calls aside)."""
+    steps = args.solver_steps if sampler_name(args) == "dpmsolver++" else diffusion.num_timesteps
+    guided = 0 if float(args.guide_scale) == BASELINE_SCALE else min(steps, max(0, args.guide_start))
+    return steps + guided
 
 
 def _setting(values, flags, group_flags, baseline):
@@ -348,10 +398,11 @@ def compare(scores, paired, base_scores, base_paired, n_boot):
 
 
 def drawer(args, model, diffusion, sag, classifier, with_classifier):
-    """The BatchDrawer of one setting, built by the script the sweep stands for."""
+    """The BatchDrawer of one setting, as the script the sweep stands for builds it."""
     if with_classifier:
-        return classifier_sample.make_drawer(args, model, diffusion, sag, classifier)
-    return image_sample.make_drawer(args, model, diffusion, sag)
+        guided = classifier if args.classifier_guidance else None
+        return sampling.make_drawer(args, model, diffusion, sag, guided, labels_always=True)
+    return sampling.make_drawer(args, model, diffusion, sag)
 
 
 def log0(line):
@@ -362,9 +413,13 @@ def log0(line):
 def main(argv=None):
     fixed, sweep, script, script_name = parse_args(argv)
     with_classifier = script is classifier_sample
-    grid = parse_grid(sweep.grid, script.create_argparser())
-    settings, notes = settings_of(grid, fixed)
+    grids = parse_grids(sweep.grid, script.create_argparser())
+    settings, notes = settings_of_grids(grids, fixed)
     runs = [(s, setting_args(fixed, s)) for s in settings]
+    if sweep.reference and sweep.reference not in [s["name"] for s in settings]:
+        raise cli.pure_usage_error(
+            f"--reference {sweep.reference!r} is not a setting of this sweep; its settings: "
+            + "; ".join(s["name"] for s in settings))
     for s, args in runs:
         check_setting(args, s, with_classifier)
     dist_util.setup_dist()
@@ -379,6 +434,10 @@ def main(argv=None):
     # The model once for the whole sweep; a SAG object per setting (all built,
     # hence checked, before any sampling).
     model, diffusion = cli.agree(model_from_args, fixed)
+    diffusions = {fixed.timestep_respacing: diffusion}
+    for _, args in runs:
+        if args.timestep_respacing not in diffusions:
+            diffusions[args.timestep_respacing] = cli.agree(diffusion_of, args)
     sags = [cli.agree(_sag_for, model, args, s) for s, args in runs]
     classifier = None
     if any(with_classifier and args.classifier_guidance for _, args in runs):
@@ -396,9 +455,10 @@ def main(argv=None):
 
         def setup(setting_dir, args=args, sag=sag, drawn=drawn):
             drawn.append(True)
-            draw = drawer(args, model, diffusion, sag, classifier, with_classifier)
-            return Batches(draw, sampling.describe_setup(args, model, diffusion, sag),
-                           sampling.sag_pictures(args, sag, diffusion, setting_dir))
+            draw = drawer(args, model, diffusions[args.timestep_respacing], sag, classifier,
+                          with_classifier)
+            return Batches(draw, sampling.describe_setup(args, model, draw),
+                           sampling.sag_pictures(args, draw, setting_dir))
 
         log0(f"setting {i + 1}/{len(runs)}: {s['name']}")
         path = sample_to_npz(args, script_name, args.image_size, has_labels, files, setup,
@@ -408,8 +468,8 @@ def main(argv=None):
         paths.append(path)
     if dist_util.get_rank() != 0:
         return None
-    rows = score_settings(runs, paths, scorer[0], sweep, log_dir, grid)
-    write_outputs(log_dir, rows, grid, fixed, sweep, script_name)
+    rows = score_settings(runs, paths, scorer[0], sweep, log_dir, grids, diffusions)
+    write_outputs(log_dir, rows, grids, fixed, sweep, script_name)
     return rows
 
 
@@ -424,30 +484,39 @@ def _sag_for(model, args, setting):
         raise cli.UsageError(f"--grid: setting {setting['name']}: {e}") from None
 
 
-def score_settings(runs, paths, scorer, sweep, log_dir, grid):
-    """One row per setting: its flags, scores and differences against its baseline."""
+def score_settings(runs, paths, scorer, sweep, log_dir, grids, diffusions):
+    """
+    One row per setting: its flags, network evaluations per sample ('nfe'),
+    scores and differences against its baseline (and against --reference).
+    """
+    flags = list(dict.fromkeys(f for grid in grids for f, _ in grid))
     scored = [scorer.score(p) for p in paths]
     settings = [s for s, _ in runs]
     base_of = {s["group"]: i for i, s in enumerate(settings) if s["baseline"]}
     rows = []
     for (s, args), path, (scores, paired) in zip(runs, paths, scored):
         row = dict(setting=s["name"], baseline=s["baseline"])
-        for flag, _ in grid:
+        for flag in flags:
             row[flag] = s["shown"].get(flag)
         row["guide_scale"] = float(args.guide_scale)
+        row["nfe"] = network_evaluations(args, diffusions[args.timestep_respacing])
         row["npz"] = os.path.relpath(path, log_dir)
         row.update(scores)
         b = base_of[s["group"]]
         if not s["baseline"]:
             row["baseline_setting"] = settings[b]["name"]
             row.update(compare(scores, paired, scored[b][0], scored[b][1], sweep.bootstrap))
+        if sweep.reference and s["name"] != sweep.reference:
+            r = [x["name"] for x in settings].index(sweep.reference)
+            versus = compare(scores, paired, scored[r][0], scored[r][1], sweep.bootstrap)
+            row.update({"ref_" + k: v for k, v in versus.items() if k.startswith("diff_")})
         rows.append(row)
         summary = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if k != "n")
         print(f"{s['name']}: {summary or 'no scores (pass --ref_batch)'}", flush=True)
     return rows
 
 
-def write_outputs(log_dir, rows, grid, fixed, sweep, script_name):
+def write_outputs(log_dir, rows, grids, fixed, sweep, script_name):
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with atomic_write(os.path.join(log_dir, "sweep.csv"), "w") as f:
         writer = csv.DictWriter(f, columns, restval="", lineterminator="\n")
@@ -455,12 +524,14 @@ def write_outputs(log_dir, rows, grid, fixed, sweep, script_name):
         for row in rows:
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
     atomic_json(os.path.join(log_dir, "sweep.json"),
-                dict(script=script_name, grid={f: v for f, v in grid},
+                dict(script=script_name, grid=[{f: v for f, v in grid} for grid in grids],
                      bootstrap=dict(resamples=sweep.bootstrap, seed=0, level=0.95),
                      ref_batch=sweep.ref_batch or None, flags=vars(fixed), rows=rows),
                 indent=1, default=str)
     print(f"wrote {os.path.join(log_dir, 'sweep.csv')} and sweep.json", flush=True)
     print(plot(rows, os.path.join(log_dir, "sweep.png")), flush=True)
+    if any(f in SAMPLER_FLAGS for grid in grids for f, _ in grid):
+        print(plot_nfe(rows, os.path.join(log_dir, "nfe.png")), flush=True)
 
 
 def plot_lines(rows, key):
@@ -495,21 +566,13 @@ def plot(rows, path):
     the other flags with the paired intervals as error bars, each baseline as
     a horizontal line. Returns a line for the log.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return PLOT_HINT
-    fid_key = "fid" if any("fid" in r for r in rows) else "fashion_fid"
-    keys = [k for k in (fid_key, "accuracy") if any(k in r for r in rows)]
-    if not keys:
-        return "sweep.png not written: no scores (pass --ref_batch)"
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
+    figure, message = _figure(rows, path, width=6)
+    if figure is None:
+        return message
+    plt, fig, panels = figure
     baselines = {r["setting"]: r for r in rows if r["baseline"]}
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
-    for ax, key in zip(axes[0], keys):
+    for ax, key in panels:
         for n, (name, base) in enumerate(baselines.items()):
             if key in base:
                 group = name.partition(",")[2]
@@ -523,6 +586,31 @@ def plot(rows, path):
         ax.set_xlabel("guide_scale")
         ax.set_ylabel(key + " (bars: paired 95 % interval)")
         ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _figure(rows, path, width):
+    """
+    ((plt, fig, [(axis, score key)]), None) for a figure with a panel for FID
+    and one for accuracy (those the rows have), or (None, a line saying why not).
+    """
+    name = os.path.basename(path)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None, PLOT_HINT.replace("sweep.png", name)
+    fid_key = "fid" if any("fid" in r for r in rows) else "fashion_fid"
+    keys = [k for k in (fid_key, "accuracy") if any(k in r for r in rows)]
+    if not keys:
+        return None, f"{name} not written: no scores (pass --ref_batch)"
+    fig, axes = plt.subplots(1, len(keys), figsize=(width * len(keys), 4.5), squeeze=False)
+    return (plt, fig, list(zip(axes[0], keys))), None
+
+
+def _save(plt, fig, path):
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=100)
@@ -530,12 +618,44 @@ def plot(rows, path):
     return f"wrote {path}"
 
 
-def _line_flags(row):
-    """The flags of a row other than guide_scale (the flags that make a line)."""
+def nfe_lines(rows, key):
+    """
+    The lines of one panel of nfe.png: {label: [(nfe, value)]}, one per
+    sampler and guidance setting (the setting's flags but the step counts),
+    sorted by network evaluations per sample.
+    """
+    lines = {}
+    for r in rows:
+        if key not in r:
+            continue
+        flags = {k: v for k, v in _line_flags(r, keep_scale=True).items() if k not in STEP_FLAGS}
+        label = ", ".join(f"{k}={v}" for k, v in flags.items())
+        lines.setdefault(label, []).append((int(r["nfe"]), r[key]))
+    return {label: sorted(points) for label, points in lines.items()}
+
+
+def plot_nfe(rows, path):
+    """nfe.png: FID and accuracy against network evaluations per sample. Returns a line for the log."""
+    figure, message = _figure(rows, path, width=6.5)
+    if figure is None:
+        return message
+    plt, fig, panels = figure
+    for ax, key in panels:
+        for label, points in nfe_lines(rows, key).items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations per sample")
+        ax.set_ylabel(key)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def _line_flags(row, keep_scale=False):
+    """The flags of a row (but guide_scale unless keep_scale) by name, from its setting name."""
     flags = {}
     for item in row["setting"].split(","):
         flag, _, value = item.partition("=")
-        if flag != "guide_scale":
+        if keep_scale or flag != "guide_scale":
             flags[flag] = value
     return flags
 

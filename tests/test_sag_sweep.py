@@ -153,6 +153,48 @@ def test_baseline_equals_image_sample(sweep, files, tmp_path):
             == load(setting_npz(out, SETTINGS[1]))["arr_0"].tobytes())
 
 
+SAMPLER_GRID = ("guide_scale=1.0,2.0 timestep_respacing=3,5; "
+                "guide_scale=2.0 sampler=dpmsolver++ solver_order=2 solver_steps=3")
+REFERENCE = "guide_scale=2.0,timestep_respacing=5"
+
+
+def test_sampler_grid_parts_nfe_and_reference(files, tmp_path):
+    """
+    Grids joined by ';' (their settings' union), samplers and step counts in
+    the grid (each respacing its own diffusion), network evaluations per
+    sample, and every row against --reference.
+    """
+    out = tmp_path / "samplers"
+    res = run(SWEEP, f"{TINY} --guide_start 2 --model_path {files['model']} --num_samples 4 "
+                     f"--grid '{SAMPLER_GRID}' --reference {REFERENCE} --ref_batch {files['ref16']} "
+                     f"--inception_path {files['inception']} --bootstrap 20", out)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    with open(out / "sweep.csv") as f:
+        rows = {r["setting"]: r for r in csv.DictReader(f)}
+    solver = "guide_scale=2.0,sampler=dpmsolver++,solver_order=2,solver_steps=3"
+    solver_base = "guide_scale=1.0,sampler=dpmsolver++,solver_order=2,solver_steps=3"
+    assert set(rows) == {"guide_scale=1.0,timestep_respacing=3", "guide_scale=1.0,timestep_respacing=5",
+                         "guide_scale=2.0,timestep_respacing=3", REFERENCE, solver, solver_base}
+    # steps + guided evaluations (--guide_start 2: the last two of each run)
+    nfe = {name: int(r["nfe"]) for name, r in rows.items()}
+    assert nfe == {"guide_scale=1.0,timestep_respacing=3": 3, "guide_scale=1.0,timestep_respacing=5": 5,
+                   "guide_scale=2.0,timestep_respacing=3": 5, REFERENCE: 7, solver: 5, solver_base: 3}
+    assert rows[solver]["baseline_setting"] == solver_base
+    assert rows[REFERENCE]["ref_diff_fid"] == ""
+    for name in set(rows) - {REFERENCE}:
+        diff = float(rows[name]["ref_diff_fid"])
+        assert diff == pytest.approx(float(rows[name]["fid"]) - float(rows[REFERENCE]["fid"]), abs=1e-6)
+    # Each setting is image_sample.py with its flags: a respacing of its own, and the solver.
+    for name, flags in ((REFERENCE, "--guide_scale 2.0 --timestep_respacing 5"),
+                        (solver, "--guide_scale 2.0 --sampler dpmsolver++ --solver_steps 3")):
+        single = tmp_path / name.replace(",", "_")
+        res = run(os.path.join(ROOT, "scripts", "image_sample.py"),
+                  f"{TINY} --guide_start 2 --model_path {files['model']} --num_samples 4 {flags}", single)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert (load(str(single / "samples_4x16x16x3.npz"))["arr_0"].tobytes()
+                == load(setting_npz(out, name))["arr_0"].tobytes()), name
+
+
 def test_killed_sweep_resumes_without_redrawing(files, tmp_path):
     flags = f"{TINY} --model_path {files['model']} --num_samples 6 --grid '{GRID}' --bootstrap 0"
     out = tmp_path / "killed"
@@ -355,7 +397,9 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------
 
 SWEEPABLE = ("sweepable: guide_scale, blur_sigma, sel_attn_block, sel_attn_depth, guide_start, "
-             "sag_true_attention, use_ddim, eta, clip_denoised, classifier_scale, classifier_guidance")
+             "sag_true_attention, sampler, use_ddim, eta, timestep_respacing, solver_steps, "
+             "solver_order, skip_type, solver_time_map, clip_denoised, classifier_scale, "
+             "classifier_guidance")
 
 
 @pytest.mark.parametrize("grid, extra, message", [
