@@ -8,19 +8,24 @@ FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 
 .PHONY: venv test demo fashion-data clean-venv bench
 
+# The runtime (what `make demo` needs), then the test extras on top.
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed-test
 
 test: venv
 	$(PY) -m pytest -q tests
 
-demo: venv
+demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
 fashion-data:

@@ -91,8 +91,7 @@ def make_drawer(args, model, diffusion, sag, classifier=None, *, labels_always=F
     """
     model_fn = model
     if labels_always and not args.class_cond:
-        def model_fn(x, t, y=None, **kwargs):  # the labels are the classifier's only
-            return model(x, t, **kwargs)
+        model_fn = _without_labels(model)
     guidance = None
     if classifier is not None:
         guidance = ClassifierGuidance(classifier, args.classifier_scale)
@@ -103,6 +102,15 @@ def make_drawer(args, model, diffusion, sag, classifier=None, *, labels_always=F
     return BatchDrawer(Sampler.from_args(args, diffusion), denoiser, (3, size, size),
                        dist_util.dev(), args.seed, draw_labels=draw_labels,
                        num_classes=args.num_classes, batch_inputs=batch_inputs)
+
+
+def _without_labels(model):
+    """The model of an unconditional run whose labels are the classifier's only."""
+
+    def model_fn(x, t, y=None, **kwargs):
+        return model(x, t, **kwargs)
+
+    return model_fn
 
 
 def to_uint8(sample, positions=None):

@@ -8,12 +8,12 @@ import pytest
 import torch as th
 
 from conftest import draw, tiny_model
+from test_perf_attention import check_captured_layer_once_others_sdpa
 from improved_diffusion import unet
-from improved_diffusion.attention_capture import AttentionCapture
 from improved_diffusion.random_util import BatchGenerator
 from improved_diffusion.sag import SelfAttentionGuidance
 from improved_diffusion.script_util import half_dtype_for, prepare_model_for_sampling
-from improved_diffusion.unet import QKVAttention, QKVAttentionLegacy, einsum_attention, sdpa_attention
+from improved_diffusion.unet import QKVAttentionLegacy, einsum_attention, sdpa_attention
 
 pytestmark = pytest.mark.skipif(not th.cuda.is_available(), reason="needs CUDA")
 
@@ -42,30 +42,12 @@ def test_auto_backend_is_sdpa_on_cuda(monkeypatch):
 
 
 def test_captured_layer_computes_once_others_fused(monkeypatch):
-    """Every uncaptured layer takes sdpa; the captured one computes its weights once."""
+    """Every uncaptured layer takes sdpa; the captured one computes its weights once (float16)."""
     model, _ = tiny_model()
     model.to(DEV)
     prepare_model_for_sampling(model, DEV, use_fp16=True)
     assert model.dtype == th.float16
-    block = model.attention_blocks()[("output", 0)]
-    ops = [m for m in model.modules() if isinstance(m, (QKVAttention, QKVAttentionLegacy))]
-    sdpa_calls, softmax_calls = [], []
-    real_sdpa, real_softmax = unet.sdpa_attention, unet._softmax_weights
-    monkeypatch.setattr(unet, "sdpa_attention", lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
-    monkeypatch.setattr(unet, "_softmax_weights", lambda *a: softmax_calls.append(1) or real_softmax(*a))
-    x = th.randn(2, 3, 16, 16, device=DEV)
-    t = th.tensor([10, 500], device=DEV)
-    with th.no_grad():
-        plain = model(x, t)
-        n_plain = len(sdpa_calls)
-        assert not softmax_calls  # no explicit attention anywhere
-        with AttentionCapture(block, keep="key_mass") as cap:
-            guided = model(x, t)
-    assert n_plain == len(ops)
-    assert len(sdpa_calls) - n_plain == len(ops) - 1  # all but the captured layer
-    assert len(softmax_calls) == 1 and cap.calls == 1
-    assert cap.key_mass.dtype == th.float32 and th.isfinite(cap.key_mass).all()
-    assert th.allclose(guided.float(), plain.float(), atol=5e-3)
+    check_captured_layer_once_others_sdpa(model, DEV, monkeypatch, atol=5e-3)
 
 
 @pytest.mark.parametrize("ddim", [False, True])

@@ -157,6 +157,41 @@ def test_key_mass_capture_equals_full_map_reduction(true_attention, monkeypatch)
     assert th.equal(mask, attention_mask(full.weights, 2, (3, 16, 16)))
 
 
+def check_captured_layer_once_others_sdpa(model, device, monkeypatch, atol):
+    """
+    Every attention layer runs sdpa in a plain forward; under a capture all
+    but the captured one still do, and the captured one computes its weights
+    once (for its output and the capture). Also run on CUDA in float16
+    (test_cuda.py).
+    """
+    block = model.attention_blocks()[("output", 0)]
+    ops = [m for m in model.modules() if isinstance(m, (QKVAttention, QKVAttentionLegacy))]
+    sdpa_calls, softmax_calls = [], []
+    real_sdpa, real_softmax = unet.sdpa_attention, unet._softmax_weights
+    monkeypatch.setattr(unet, "sdpa_attention", lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
+    monkeypatch.setattr(unet, "_softmax_weights", lambda *a: softmax_calls.append(1) or real_softmax(*a))
+    x = th.randn(2, 3, 16, 16, device=device)
+    t = th.tensor([10, 500], device=device)
+    with th.no_grad():
+        plain = model(x, t)
+        n_plain = len(sdpa_calls)
+        assert not softmax_calls  # no explicit attention anywhere
+        with AttentionCapture(block, keep="key_mass") as cap:
+            guided = model(x, t)
+    assert n_plain == len(ops)
+    assert len(sdpa_calls) - n_plain == len(ops) - 1  # all but the captured layer
+    assert len(softmax_calls) == 1 and cap.calls == 1
+    assert cap.key_mass.dtype == th.float32 and th.isfinite(cap.key_mass).all()
+    assert th.allclose(guided.float(), plain.float(), atol=atol)
+
+
+def test_captured_layer_computes_once_others_fused_on_cpu(monkeypatch):
+    """The sdpa backend chosen on the CPU (the default on CUDA): the same split of the work."""
+    monkeypatch.setenv(unet.ATTENTION_BACKEND_ENV, "sdpa")
+    model, _ = tiny_model()
+    check_captured_layer_once_others_sdpa(model, "cpu", monkeypatch, atol=1e-5)
+
+
 def test_capture_recovers_after_a_failed_forward(monkeypatch):
     model, _ = tiny_model()
     block = model.attention_blocks()[("output", 0)]
