@@ -95,8 +95,8 @@ def test_mask_averages_heads():
 
 
 def test_mask_rejects_non_square():
-    with pytest.raises(AssertionError):
-        attention_mask(th.rand(1, 6, 6), 1, (3, 6, 6))
+    with pytest.raises(AssertionError, match="not a square map"):
+        sag_ops.key_mass_mask(th.rand(1, 6), (3, 6, 6))
 
 
 def test_degrade_and_combine():
