@@ -37,10 +37,13 @@ from improved_diffusion.script_util import (
     create_classifier,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
 )
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import classifier_sample  # noqa: E402
+import super_res_sample  # noqa: E402
 import test_presets  # noqa: E402
 
 DATA = os.path.join(ROOT, "tests", "data")
@@ -60,8 +63,13 @@ SMALL = ("128x128_classifier", "cifar10_uncond_50M_500K")
 
 
 def parse(flags):
-    """The flags as classifier_sample.py parses them (it knows every model and classifier flag)."""
-    return classifier_sample.create_argparser().parse_args(shlex.split(flags))
+    """
+    The flags as the sampling scripts parse them: super_res_sample.py for an
+    upsampler (--large_size), else classifier_sample.py (it knows every
+    model and classifier flag).
+    """
+    script = super_res_sample if "--large_size" in shlex.split(flags) else classifier_sample
+    return script.create_argparser().parse_args(shlex.split(flags))
 
 
 def random_checkpoint(entry, seed=0):
@@ -88,7 +96,7 @@ def test_small_published_checkpoint_loads_strictly_on_cpu(name, tmp_path, single
         model = classifier_from_args(args)
     else:
         args = parse(f"{entry['flags']} --model_path {path}")
-        model, _ = model_from_args(args)
+        model, _ = model_from_args(args, super_res=entry["kind"] == "upsampler")
     loaded = model.state_dict()
     assert list(loaded) == [n for n, _, _ in entry["params"]]
     for key, want in state.items():
@@ -104,6 +112,10 @@ def meta_model(entry):
     with th.device("meta"):
         if entry["kind"] == "classifier":
             return create_classifier(**args_to_dict(args, classifier_defaults().keys()))
+        if entry["kind"] == "upsampler":
+            model, _ = sr_create_model_and_diffusion(
+                **args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
+            return model
         model, _ = create_model_and_diffusion(
             **args_to_dict(args, model_and_diffusion_defaults().keys()))
         return model
