@@ -198,7 +198,13 @@ def test_accuracy_tiny_model():
     imgs = _rand_images(40, 3)
     preds = fm.predict(model, imgs, batch_size=7)
     assert preds.shape == (40,) and preds.dtype == np.int64
-    assert fm.accuracy(model, imgs, preds) == 1.0
+    # The labels straight from the network (images / 127.5 - 1, NCHW, one batch), not from predict.
+    x = torch.from_numpy(imgs.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        direct = model(x).argmax(1).numpy()
+    assert len(set(direct.tolist())) > 1  # a test of which class, not of a constant
+    np.testing.assert_array_equal(preds, direct)
+    assert fm.accuracy(model, imgs, direct) == 1.0
     wrong = (preds + 1) % 10
     assert fm.accuracy(model, imgs, wrong) == 0.0
     half = preds.copy()

@@ -264,12 +264,31 @@ def test_invalid_sag_settings(tiny, kwargs, match):
         SelfAttentionGuidance(model, **base)
 
 
-def test_middle_and_input_blocks(tiny):
-    model, _ = tiny
-    assert ("middle", 0) in model.attention_blocks()
-    SelfAttentionGuidance(model, block="middle", num_heads=2)
+def test_middle_and_input_blocks_guide_with_their_own_map(tiny):
+    """SAG at the middle block and at an input block: each step's mask is that block's map."""
+    from sag_reference import attention_mask
+
+    model, diffusion = tiny
     inputs = [i for (p, i) in model.attention_blocks() if p == "input"]
-    SelfAttentionGuidance(model, block="input", depth=inputs[0], num_heads=2)
+    x = th.randn(2, 3, 16, 16, generator=th.Generator().manual_seed(4))
+    t = th.tensor([2, 2])
+    times = DiffusionTimes(diffusion)
+    with th.no_grad():
+        plain = GuidedDenoiser.for_diffusion(model, diffusion)(x, t, times)
+    masks = []
+    for part, depth in (("middle", 0), ("input", inputs[0]), ("output", 0)):
+        sag = SelfAttentionGuidance(model, scale=2.0, block=part, depth=depth, num_heads=2)
+        block = model.attention_blocks()[(part, depth)]
+        with th.no_grad():
+            with AttentionCapture(block, num_heads=2, legacy=True, keep="weights") as cap:
+                model(x, times.model_time(t))
+            guided = GuidedDenoiser.for_diffusion(model, diffusion, sag=sag)(x, t, times)
+        assert th.equal(guided.pictures["sag_mask"], attention_mask(cap.weights, 2, (3, 16, 16)))
+        assert not th.allclose(guided.eps, plain.eps)
+        masks.append(guided.pictures["sag_mask"])
+    # three blocks, three maps
+    assert not th.equal(masks[0], masks[1]) and not th.equal(masks[1], masks[2])
+    assert not th.equal(masks[0], masks[2])
 
 
 TINY_FLAGS = (
