@@ -16,6 +16,8 @@ from improved_diffusion.script_util import (
     create_classifier,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
 )
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -33,20 +35,26 @@ def _manifest_entries():
 def build_from_flags(flags, kind):
     defaults = model_and_diffusion_defaults()
     defaults.update(classifier_defaults())
+    if kind == "upsampler":
+        defaults = sr_model_and_diffusion_defaults()
     parser = argparse.ArgumentParser()
     add_dict_to_argparser(parser, defaults)
     args = parser.parse_args(shlex.split(flags))
     with th.device("meta"):
         if kind == "classifier":
             return create_classifier(**args_to_dict(args, classifier_defaults().keys()))
+        if kind == "upsampler":
+            model, _ = sr_create_model_and_diffusion(**vars(args))
+            return model
         model, _ = create_model_and_diffusion(
             **args_to_dict(args, model_and_diffusion_defaults().keys())
         )
         return model
 
 
-def test_thirteen_manifests():
-    assert len(_manifest_entries()) == 13
+def test_seventeen_manifests():
+    """A manifest for every published checkpoint with a layout of its own (the upsamplers included)."""
+    assert len(_manifest_entries()) == 17
 
 
 @pytest.mark.parametrize("entry", _manifest_entries())
