@@ -185,22 +185,23 @@ def multistep_update(schedule, x, x0_history, t_history, t, order):
     )
 
 
-def multistep_dpmpp(x0_fn, schedule, x, steps, order=2, skip_type="time_uniform",
-                    lower_order_final=True):
+def multistep_dpmpp(x0_fn, schedule, x, times, order=2, lower_order_final=True):
     """
-    Solve from x_T (`x`) at T down to t = 1/N in `steps` multistep updates,
-    one data prediction per update but the last (NFE = `steps`).
+    Solve from x_T (`x`) at ``times[0]`` down to ``times[-1]`` in
+    ``len(times) - 1`` multistep updates, one data prediction per update but
+    the last (NFE = steps).
 
     :param x0_fn: ``x0_fn(x, t, j)`` -> the data prediction at solver time
         `t` (a 0-dim tensor), the j-th of the run (0 at T).
+    :param times: the solver's times, :meth:`DiscreteVPSchedule.time_steps`.
     :return: an iterator over ``(j, x)``: after update j + 1 (j = 0 ..
         steps - 1), the sample at the next time; the last one is the result.
     """
+    steps = len(times) - 1
     if not 1 <= order <= 3:
         raise ValueError(f"solver order must be 1, 2 or 3, got {order}")
     if steps < order:
         raise ValueError(f"the solver needs at least as many steps as its order ({order}), got {steps}")
-    times = schedule.time_steps(skip_type, steps, device=x.device)
     t_history = [times[0]]
     x0_history = [x0_fn(x, times[0], 0)]
     for step, step_order in enumerate(step_orders(steps, order, lower_order_final), start=1):

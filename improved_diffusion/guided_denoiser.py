@@ -19,6 +19,7 @@ import torch as th
 import torch.nn.functional as F
 
 from . import sag_ops
+from .gaussian_diffusion import ModelMeanType, ModelVarType, _extract_into_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +101,7 @@ class DiffusionTimes:
 
     def sigma(self, t):
         """The noise level sqrt(1 - alpha_bar) of each index, [N x 1 x 1 x 1]."""
-        return th.from_numpy(self.diffusion.sqrt_one_minus_alphas_cumprod).to(t.device)[t].float()[
-            :, None, None, None
-        ]
+        return _extract_into_tensor(self.diffusion.sqrt_one_minus_alphas_cumprod, t, (len(t), 1, 1, 1))
 
     def steps_left(self, t):
         """How many steps come after this one: the published index i."""
@@ -149,8 +148,6 @@ class GuidedDenoiser:
     @classmethod
     def for_diffusion(cls, model, diffusion, **kwargs):
         """A denoiser for a model trained with `diffusion` (its output kind read from it)."""
-        from .gaussian_diffusion import ModelMeanType, ModelVarType
-
         if diffusion.model_mean_type == ModelMeanType.PREVIOUS_X:
             raise ValueError("the guided denoiser needs a model that predicts eps or x_0, not x_{t-1}")
         learn_sigma = diffusion.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)

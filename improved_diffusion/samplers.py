@@ -128,7 +128,8 @@ def dpm_solver_pp(denoiser, x, *, schedule, steps, order=2, skip_type="time_unif
     """
     del generator  # an ODE solver: x_T is the only randomness
     kwargs = model_kwargs or {}
-    times = SolverTimes(schedule, schedule.time_steps(skip_type, steps, device=x.device)[:-1])
+    solver_times = schedule.time_steps(skip_type, steps, device=x.device)
+    times = SolverTimes(schedule, solver_times[:-1])
     evaluations = {}
 
     def x0_fn(x_t, t, _j):
@@ -139,7 +140,7 @@ def dpm_solver_pp(denoiser, x, *, schedule, steps, order=2, skip_type="time_unif
         return x0.clamp(-1, 1) if denoiser.clip_denoised else x0
 
     with th.no_grad():
-        for j, x in multistep_dpmpp(x0_fn, schedule, x, steps, order, skip_type):
+        for j, x in multistep_dpmpp(x0_fn, schedule, x, solver_times, order):
             # Update j used the evaluation made at the j-th time: report its pictures.
             yield steps - 1 - j, _step(x, evaluations.pop("pictures", None))
 

@@ -50,7 +50,7 @@ from improved_diffusion.checkpoints import classifier_from_args, model_from_args
 from improved_diffusion.file_util import atomic_json, atomic_write  # noqa: E402
 from improved_diffusion.sample_run import Batches, default_log_dir, sample_to_npz  # noqa: E402
 from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
-from improved_diffusion.samplers import sampler_name  # noqa: E402
+from improved_diffusion.samplers import Sampler  # noqa: E402
 from improved_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
 
 def _load_script(name):
@@ -234,7 +234,7 @@ def diffusion_of(args):
 
 def network_evaluations(args, diffusion):
     """Model evaluations per sample: one per step, two where SAG applies (classifier calls aside)."""
-    steps = args.solver_steps if sampler_name(args) == "dpmsolver++" else diffusion.num_timesteps
+    steps = Sampler.from_args(args, diffusion).steps
     guided = 0 if float(args.guide_scale) == BASELINE_SCALE else min(steps, max(0, args.guide_start))
     return steps + guided
 
