@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # CPU build by default; e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124" for CUDA.
 TORCH_SPEC ?= torch==2.13.0
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
+# Test processes (pytest-xdist, whole files per process): the cores, at most 4.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: venv test demo fashion-data clean-venv bench
 
@@ -23,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 venv: $(VENV)/.installed-test
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py

@@ -4,6 +4,7 @@ Entry point kept at the top level so the seed's commands work as written
 """
 
 if __name__ == "__main__":
-    from improved_diffusion.cli import run_script
+    from improved_diffusion import cli
+    from scripts import image_sample
 
-    run_script("image_sample.py")
+    cli.run_main(image_sample.main)

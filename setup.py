@@ -1,10 +1,10 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="improved-diffusion-sag",
     version="0.1.0",
     description="guided-diffusion fork with Self-Attention Guidance (Hong et al., arXiv 2210.00939)",
-    packages=["improved_diffusion"],
+    packages=find_packages(include=["improved_diffusion", "improved_diffusion.*", "evaluations"]),
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.0",
@@ -15,7 +15,7 @@ setup(
         "Pillow",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "scipy", "mpich"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "scipy", "mpich"],
         "eval": ["scipy"],
         "plot": ["matplotlib"],
     },

@@ -28,10 +28,10 @@ sys.path.insert(0, ROOT)
 
 import torch as th  # noqa: E402
 
-from improved_diffusion.guided_denoiser import GuidedDenoiser  # noqa: E402
-from improved_diffusion.random_util import BatchGenerator  # noqa: E402
-from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
-from improved_diffusion.samplers import Sampler  # noqa: E402
+from improved_diffusion.guidance.denoiser import GuidedDenoiser  # noqa: E402
+from improved_diffusion.sampling.random_util import BatchGenerator  # noqa: E402
+from improved_diffusion.guidance.sag import SelfAttentionGuidance  # noqa: E402
+from improved_diffusion.sampling.samplers import Sampler  # noqa: E402
 from improved_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     args_to_dict,

@@ -3,7 +3,7 @@ Fashion-MNIST sample metrics with a small classifier of our own.
 
 A small CNN for 32x32 RGB input (uint8 NHWC 0..255, scaled to [-1, 1]) is
 trained on the Fashion-MNIST training split (28x28 padded by 2 px of black and
-replicated to RGB, see improved_diffusion/fashion_mnist.py).  It is used to
+replicated to RGB, see evaluations/fashion_mnist.py).  It is used to
 measure class-conditional samples:
 
 * accuracy: fraction of samples whose predicted class equals their drawn label;
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from improved_diffusion.file_util import atomic_json, atomic_write, sha256_file  # noqa: E402
-from improved_diffusion.fashion_mnist import (  # noqa: E402
+from improved_diffusion.files.atomic import atomic_json, atomic_write, sha256_file  # noqa: E402
+from evaluations.fashion_mnist import (  # noqa: E402
     DEFAULT_SOURCE_DIR,
     load_fashion_mnist,
     to_rgb32,
@@ -97,7 +97,7 @@ def load_eval_classifier(path=DEFAULT_CLASSIFIER, device="cpu"):
     """
     The Fashion-MNIST evaluation classifier (a FashionClassifier state_dict,
     loaded weights_only), in eval mode. Not the noisy classifier of
-    classifier guidance (improved_diffusion.checkpoints.classifier_from_card).
+    classifier guidance (improved_diffusion.checkpoints.loading.classifier_from_card).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -251,7 +251,7 @@ def noisy_classifier_accuracy(classifier_path=DEFAULT_NOISY_CLASSIFIER,
     to each of `timesteps` with its own diffusion; the noise of step t comes
     from a generator seeded ``seed + t``. Returns {t: accuracy}.
     """
-    from improved_diffusion.checkpoints import classifier_from_card
+    from improved_diffusion.checkpoints.loading import classifier_from_card
 
     classifier, diffusion = classifier_from_card(classifier_path, torch.device("cpu"))
     images, labels = load_fashion_mnist("test", source_dir=source_dir)
@@ -333,28 +333,11 @@ def train(
     )
     t0 = time.time()
     for epoch in range(epochs):
-        model.train()
-        perm = rng.permutation(len(x_train))
-        tot_loss, tot_correct = 0.0, 0
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = preprocess(x_train[idx])
-            flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
-            x[flip] = x[flip].flip(-1)
-            x, y = x.to(device), y_train_t[idx].to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot_loss += loss.item() * len(idx)
-            tot_correct += (logits.argmax(1) == y).sum().item()
+        loss, train_acc = _train_epoch(model, opt, sched, x_train, y_train_t, batch_size, rng, device)
         test_acc = accuracy(model, x_test, y_test)
         log(
             "epoch %d/%d  train loss %.4f  train acc %.4f  test acc %.4f  (%.0fs)"
-            % (epoch + 1, epochs, tot_loss / len(x_train), tot_correct / len(x_train),
-               test_acc, time.time() - t0)
+            % (epoch + 1, epochs, loss, train_acc, test_acc, time.time() - t0)
         )
     model.eval()
     if out_path:
@@ -365,7 +348,29 @@ def train(
     return model, test_acc
 
 
-def main(argv=None):
+def _train_epoch(model, opt, sched, x_train, y_train, batch_size, rng, device):
+    """One pass over the shuffled training images (random horizontal flips): (mean loss, accuracy)."""
+    model.train()
+    perm = rng.permutation(len(x_train))
+    tot_loss, tot_correct = 0.0, 0
+    for i in range((len(x_train) + batch_size - 1) // batch_size):
+        idx = perm[i * batch_size : (i + 1) * batch_size]
+        x = preprocess(x_train[idx])
+        flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
+        x[flip] = x[flip].flip(-1)
+        x, y = x.to(device), y_train[idx].to(device)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        tot_loss += loss.item() * len(idx)
+        tot_correct += (logits.argmax(1) == y).sum().item()
+    return tot_loss / len(x_train), tot_correct / len(x_train)
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description="Fashion-MNIST classifier metrics")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the classifier on the training split")
@@ -397,33 +402,44 @@ def main(argv=None):
     c.add_argument("--num_images", type=int, default=2000)
     c.add_argument("--timesteps", default="0,250,500,750,999")
     c.add_argument("--source_dir", default=DEFAULT_SOURCE_DIR)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    if args.cmd == "noisy_classifier":
-        result = noisy_classifier_accuracy(
-            args.classifier_path, [int(t) for t in args.timesteps.split(",") if t],
-            num_images=args.num_images, source_dir=args.source_dir)
-        for t, acc in result.items():
-            print("t=%d: accuracy %.4f (n=%d)" % (t, acc, args.num_images))
-        return 0
 
-    if args.cmd == "reference":
-        result = real_image_reference([int(n) for n in args.n.split(",") if n],
-                                      source_dir=args.source_dir)
-        result["command"] = "python evaluations/fashion_metrics.py reference --n %s" % args.n
-        atomic_json(args.out, result, end="", indent=1)
-        print(json.dumps(result["rows"]))
-        return 0
+def main(argv=None):
+    args = parse_args(argv)
+    return {"noisy_classifier": _noisy_classifier, "reference": _reference, "train": _train,
+            "score": _score}[args.cmd](args)
 
-    if args.cmd == "train":
-        t0 = time.time()
-        _, acc = train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       out_path=args.out, source_dir=args.source_dir, seed=args.seed,
-                       threads=args.threads, device=args.device)
-        print("test accuracy: %.4f" % acc)
-        print("wall time: %.0fs" % (time.time() - t0))
-        return 0
 
+def _noisy_classifier(args):
+    result = noisy_classifier_accuracy(
+        args.classifier_path, [int(t) for t in args.timesteps.split(",") if t],
+        num_images=args.num_images, source_dir=args.source_dir)
+    for t, acc in result.items():
+        print("t=%d: accuracy %.4f (n=%d)" % (t, acc, args.num_images))
+    return 0
+
+
+def _reference(args):
+    result = real_image_reference([int(n) for n in args.n.split(",") if n],
+                                  source_dir=args.source_dir)
+    result["command"] = "python evaluations/fashion_metrics.py reference --n %s" % args.n
+    atomic_json(args.out, result, end="", indent=1)
+    print(json.dumps(result["rows"]))
+    return 0
+
+
+def _train(args):
+    t0 = time.time()
+    _, acc = train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                   out_path=args.out, source_dir=args.source_dir, seed=args.seed,
+                   threads=args.threads, device=args.device)
+    print("test accuracy: %.4f" % acc)
+    print("wall time: %.0fs" % (time.time() - t0))
+    return 0
+
+
+def _score(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     ref_stats = args.ref_stats

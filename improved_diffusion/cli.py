@@ -11,41 +11,24 @@ ranks stop at the same point and only rank 0 prints the line.
 import argparse
 import math
 import os
-import runpy
 import sys
 
 from . import dist_util
-from .model_card import read_model_card
-from .samplers import check_sampler_flags
-from .script_util import add_dict_to_argparser, check_norm_groups
+from .guidance.sag import SAGConfigError, check_sag_values
+from .errors import NonFiniteSamplesError, UsageError, pure_usage_error  # noqa: F401  (scripts use cli.*)
+from .checkpoints.model_card import read_model_card
+from .sampling.samplers import check_sampler_flags
+from .script_util import (
+    add_dict_to_argparser,
+    check_norm_groups,
+    classifier_defaults,
+    model_and_diffusion_defaults,
+    sag_defaults,
+    sr_model_and_diffusion_defaults,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL_PATH = os.path.join("models", "fashion32_ema.pt")
-
-
-class UsageError(Exception):
-    """
-    Bad input from the user: scripts print ``error: <message>`` as one line
-    on stderr and exit with status 2.
-
-    :param agreed: True when every rank raised the same error at the same
-        point (see :func:`agree`): then only rank 0 prints it and every rank
-        exits normally. Otherwise the rank that hit it prints it and takes
-        the whole job down.
-    """
-
-    def __init__(self, message, agreed=False):
-        super().__init__(message)
-        self.agreed = agreed
-
-
-def pure_usage_error(message):
-    """A UsageError that depends on the flags alone, hence the same on every rank."""
-    return UsageError(message, agreed=True)
-
-
-class NonFiniteSamplesError(UsageError):
-    """NaN or inf in a sampled batch (found before the uint8 cast)."""
 
 
 def agree(fn, *args, **kwargs):
@@ -100,6 +83,21 @@ def sample_defaults():
         seed=0,
         save_attention_masks=False,
     )
+
+
+def sample_flag_sets(script):
+    """
+    The flag dicts (beyond :func:`sample_defaults`) of a sampling script:
+    ``image_sample``, ``classifier_sample`` or ``super_res_sample``.
+    """
+    sets = {
+        "image_sample": [model_and_diffusion_defaults(), sag_defaults()],
+        "classifier_sample": [model_and_diffusion_defaults(), classifier_defaults(), sag_defaults(),
+                              dict(classifier_path="", classifier_scale=1.0)],
+        "super_res_sample": [sr_model_and_diffusion_defaults(), sag_defaults(),
+                             dict(base_samples="")],
+    }
+    return sets[script]
 
 
 def sampling_argparser(doc, *defaults):
@@ -163,10 +161,11 @@ def validate_sample_args(args):
         raise pure_usage_error(f"--batch_size must be > 0, got {args.batch_size}")
     if args.seed < 0:
         raise pure_usage_error(f"--seed must be >= 0, got {args.seed}")
-    if hasattr(args, "guide_scale") and not _finite(args.guide_scale):
-        raise pure_usage_error(f"--guide_scale must be a finite number, got {args.guide_scale}")
-    if hasattr(args, "blur_sigma") and not (_finite(args.blur_sigma) and args.blur_sigma > 0):
-        raise pure_usage_error(f"--blur_sigma must be a number > 0, got {args.blur_sigma}")
+    if hasattr(args, "guide_scale"):
+        try:
+            check_sag_values(args.guide_scale, args.blur_sigma, args.sel_attn_block)
+        except SAGConfigError as e:
+            raise pure_usage_error(str(e)) from None
     if not (_finite(args.eta) and args.eta >= 0):
         raise pure_usage_error(f"--eta must be a finite number >= 0, got {args.eta}")
     try:
@@ -187,14 +186,6 @@ def validate_sample_args(args):
 # ---------------------------------------------------------------------------
 # Script entry point
 # ---------------------------------------------------------------------------
-
-
-def run_script(name):
-    """
-    Run scripts/`name` as ``__main__``: the top-level entry points that keep
-    the seed's commands (``python image_sample.py ...``) working.
-    """
-    runpy.run_path(os.path.join(REPO_ROOT, "scripts", name), run_name="__main__")
 
 
 def run_main(main, argv=None):

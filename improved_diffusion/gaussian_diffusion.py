@@ -106,7 +106,7 @@ def _randn_like(x, generator):
 
     :param generator: None for the global generator (upstream behaviour), or
         an object with a ``randn_like(x)`` method, such as
-        :class:`improved_diffusion.random_util.BatchGenerator`, that draws one
+        :class:`improved_diffusion.sampling.random_util.BatchGenerator`, that draws one
         tensor per sample from that sample's own generator.
     """
     if generator is None:

@@ -11,8 +11,8 @@ import torch as th
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
-from .model_card import read_model_card, write_model_card  # noqa: F401  (re-exported for the training code)
-from .sag import sag_defaults  # noqa: F401  (re-exported: scripts import it from here)
+from .checkpoints.model_card import read_model_card, write_model_card  # noqa: F401  (re-exported for the training code)
+from .guidance.sag import sag_defaults  # noqa: F401  (re-exported: scripts import it from here)
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
@@ -538,7 +538,7 @@ def str2bool(v):
 
 
 # ---------------------------------------------------------------------------
-# Beyond upstream: half precision on any device (model cards: model_card.py).
+# Beyond upstream: half precision on any device (model cards: checkpoints/model_card.py).
 
 
 def cpu_supports_bf16():

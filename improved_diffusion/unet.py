@@ -4,7 +4,7 @@ The UNet of guided-diffusion (and its encoder and super-resolution variants).
 Parameter names, shapes and order are exactly upstream's, so the published
 checkpoints load with ``strict=True``. ``UNetModel.forward`` returns one
 tensor; attention maps for Self-Attention Guidance are read with a scoped hook
-(see :mod:`improved_diffusion.attention_capture`), never through the return
+(see :mod:`improved_diffusion.guidance.attention_capture`), never through the return
 value.
 """
 

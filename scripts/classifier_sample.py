@@ -15,15 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from improved_diffusion import cli, dist_util, sampling  # noqa: E402
-from improved_diffusion.checkpoints import classifier_from_args, model_from_args  # noqa: E402
-from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
-from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
-from improved_diffusion.script_util import (  # noqa: E402
-    classifier_defaults,
-    model_and_diffusion_defaults,
-    sag_defaults,
-)
+from improved_diffusion import cli, dist_util  # noqa: E402
+from improved_diffusion.sampling import drawer  # noqa: E402
+from improved_diffusion.checkpoints.loading import classifier_from_args, model_from_args  # noqa: E402
+from improved_diffusion.guidance.sag import SelfAttentionGuidance  # noqa: E402
+from improved_diffusion.run.sample_run import Batches, sample_to_npz  # noqa: E402
 
 
 def main(argv=None):
@@ -43,14 +39,14 @@ def main(argv=None):
         model, diffusion = cli.agree(model_from_args, args)
         sag = cli.agree(SelfAttentionGuidance.from_args, model, args)
         classifier = cli.agree(classifier_from_args, args) if guided else None
-        draw = sampling.make_drawer(args, model, diffusion, sag, classifier, labels_always=True)
+        draw = drawer.make_drawer(args, model, diffusion, sag, classifier, labels_always=True)
 
         guidance = (
             f"classifier guidance: scale {args.classifier_scale}, {args.classifier_path}"
             if guided else "classifier guidance off (--classifier_guidance False)"
         )
-        return Batches(draw, sampling.describe_setup(args, model, draw, [guidance]),
-                       sampling.sag_pictures(args, draw, log_dir))
+        return Batches(draw, drawer.describe_setup(args, model, draw, [guidance]),
+                       drawer.sag_pictures(args, draw, log_dir))
 
     path = sample_to_npz(args, "classifier_sample", args.image_size, True, files, setup)
     if path:
@@ -58,8 +54,7 @@ def main(argv=None):
 
 
 def create_argparser():
-    return cli.sampling_argparser(__doc__, model_and_diffusion_defaults(), classifier_defaults(),
-                                  sag_defaults(), dict(classifier_path="", classifier_scale=1.0))
+    return cli.sampling_argparser(__doc__, *cli.sample_flag_sets("classifier_sample"))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.optim import AdamW  # noqa: E402
 
 from improved_diffusion import dist_util, logger  # noqa: E402
-from improved_diffusion.file_util import atomic_torch_save  # noqa: E402
+from improved_diffusion.files.atomic import atomic_torch_save  # noqa: E402
 from improved_diffusion.fp16_util import MixedPrecisionTrainer  # noqa: E402
 from improved_diffusion.image_datasets import load_data  # noqa: E402
 from improved_diffusion.resample import create_named_schedule_sampler  # noqa: E402
@@ -117,13 +117,7 @@ class ClassifierTrainer(Trainer):
         self.card_flags = card_flags
 
         if resume_checkpoint:
-            self.resume_step = parse_resume_step_from_filename(resume_checkpoint)
-            logger.log(f"loading model from checkpoint: {resume_checkpoint}... "
-                       f"at {self.resume_step} step")
-            # Every rank calls load_state_dict: it broadcasts rank 0's bytes.
-            self.model.load_state_dict(
-                dist_util.load_state_dict(resume_checkpoint, map_location=dist_util.dev())
-            )
+            self._load_model_state()
         # Needed for creating correct EMAs and fp16 parameters.
         dist_util.sync_params(self.model.parameters())
 
@@ -138,6 +132,15 @@ class ClassifierTrainer(Trainer):
 
         self.ddp_model, self.use_ddp = wrap_ddp(self.model)
         self.speed = StepRateLogger()
+
+    def _load_model_state(self):
+        self.resume_step = parse_resume_step_from_filename(self.resume_checkpoint)
+        logger.log(f"loading model from checkpoint: {self.resume_checkpoint}... "
+                   f"at {self.resume_step} step")
+        # Every rank calls load_state_dict: it broadcasts rank 0's bytes.
+        self.model.load_state_dict(
+            dist_util.load_state_dict(self.resume_checkpoint, map_location=dist_util.dev())
+        )
 
     def _load_optimizer_state(self):
         path = bf.join(bf.dirname(self.resume_checkpoint), f"opt{self.resume_step:06}.pt")

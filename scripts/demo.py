@@ -20,7 +20,6 @@ The sampling flags come from the default model's card (models/fashion32_ema.json
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -31,7 +30,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 DEFAULT_OUT_DIR = os.path.join(REPO_ROOT, "demo_out")
-IMAGE_SAMPLE = os.path.join(REPO_ROOT, "scripts", "image_sample.py")
 
 # Optional outputs of image_sample.py, used when that script has the flag.
 PICTURE_FLAGS = {
@@ -43,13 +41,6 @@ COMPARE_DIR = "no_sag"
 # What a finished run leaves in out_dir (a folder holding one of these is
 # taken for an earlier demo's output and emptied first).
 RUN_MARKERS = ("config.json", "log.txt", "metrics.json")
-
-
-def _load_image_sample():
-    spec = importlib.util.spec_from_file_location("image_sample", IMAGE_SAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _has_flag(argv, name):
@@ -120,8 +111,8 @@ def write_class_rows(npz_path, out_dir, per_class=8):
     """samples_by_class.png: one row per class with its name; None for unconditional samples."""
     import numpy as np
 
-    from improved_diffusion.fashion_mnist import CLASS_NAMES
-    from improved_diffusion.image_grid import class_rows, save_png
+    from evaluations.fashion_mnist import CLASS_NAMES
+    from improved_diffusion.run.pictures import class_rows, save_png
 
     with np.load(npz_path) as z:
         if "arr_1" not in z:
@@ -142,8 +133,8 @@ def compare_without_sag(image_sample, cmd, sag_npz, out_dir):
     import numpy as np
 
     from improved_diffusion import cli
-    from improved_diffusion.fashion_mnist import CLASS_NAMES
-    from improved_diffusion.image_grid import class_rows, save_png
+    from evaluations.fashion_mnist import CLASS_NAMES
+    from improved_diffusion.run.pictures import class_rows, save_png
 
     flags = cli.parse_sample_args(image_sample.create_argparser(), cmd)
     if float(flags.guide_scale) == 1.0 or not flags.class_cond:
@@ -183,7 +174,8 @@ def real_image_reference(n):
     return dict(rows[str(n)], n=n)
 
 
-def main(argv=None):
+def parse_args(argv):
+    """(the demo's flags, the other flags, passed on to image_sample.py)."""
     parser = argparse.ArgumentParser(
         description=__doc__.strip().splitlines()[0],
         epilog="Other flags are passed on to scripts/image_sample.py.",
@@ -198,15 +190,19 @@ def main(argv=None):
     parser.add_argument("--compare", type=lambda s: s.lower() in ("1", "true", "yes"),
                         default=True, help=f"draw the first {COMPARE_SAMPLES} positions again "
                         "without SAG and put them beside the SAG ones (default True)")
-    args, extra = parser.parse_known_args(argv)
+    return parser.parse_known_args(argv)
 
+
+def main(argv=None):
+    args, extra = parse_args(argv)
     out_dir = os.path.abspath(args.out_dir)
     prepare_out_dir(out_dir)
     os.environ["OPENAI_LOGDIR"] = out_dir
     import torch
 
     torch.set_num_threads(pick_threads(args.threads))
-    image_sample = _load_image_sample()
+    from scripts import image_sample
+
     known = {a.dest for a in image_sample.create_argparser()._actions}
     cmd = sample_argv(args, extra, known)
 
@@ -235,10 +231,15 @@ def main(argv=None):
 
     by_class = write_class_rows(npz, out_dir)
     comparison = compare_without_sag(image_sample, cmd, npz, out_dir) if args.compare else None
-    reference = real_image_reference(args.num_samples)
+    report(args, metrics, metrics_path, npz, out_dir, by_class, comparison)
+    return metrics
 
+
+def report(args, metrics, metrics_path, npz, out_dir, by_class, comparison):
+    """Where everything is, and the scores beside the real images' (printed)."""
+    reference = real_image_reference(args.num_samples)
     print()
-    print(f"demo: {args.num_samples} samples in {sample_seconds:.0f} s")
+    print(f"demo: {args.num_samples} samples in {metrics['sample_seconds']:.0f} s")
     if args.score:
         real = (lambda key, fmt: f"   (real images, n={reference['n']}: {fmt % reference[key]})"
                 if reference else "")
@@ -264,11 +265,10 @@ def main(argv=None):
         print(f"  SAG masks:    {folder}  ({count} PNGs, one per step: final sample, "
               f"x0 prediction, mask, blurred prediction)")
     print(f"  metrics:      {metrics_path}")
-    return metrics
 
 
 if __name__ == "__main__":
-    from improved_diffusion.cli import UsageError
+    from improved_diffusion.errors import UsageError
 
     try:
         main()

@@ -23,7 +23,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from improved_diffusion.published_checkpoints import (  # noqa: E402
+from improved_diffusion.checkpoints.published import (  # noqa: E402
     DEFAULT_BASE_URL,
     PUBLISHED_CHECKPOINTS,
     checkpoint_url,
@@ -63,12 +63,11 @@ def remote_size(url, timeout):
 
 def download(name, models_dir, base_url=DEFAULT_BASE_URL, timeout=60, progress=True):
     """
-    Fetch one published checkpoint into `models_dir`.
+    Fetch one published checkpoint into `models_dir`, resuming a ``.part``
+    file that an interrupted run left.
 
     :return: the final path.
     """
-    from tqdm.auto import tqdm
-
     url = checkpoint_url(name, base_url)
     final = os.path.join(models_dir, name + ".pt")
     part = final + ".part"
@@ -87,47 +86,7 @@ def download(name, models_dir, base_url=DEFAULT_BASE_URL, timeout=60, progress=T
         os.remove(part)
         have = 0
     if total is None or have < total:
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        try:
-            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # nothing left to send: the partial file is whole
-                total = _content_range_total(e.headers.get("Content-Range")) or have
-                resp = None
-            else:
-                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise DownloadError(f"cannot reach {url} ({getattr(e, 'reason', e)})") from None
-        if resp is not None:
-            with resp:
-                if have and resp.status == 206:
-                    start = resp.headers.get("Content-Range", "").split(" ")[-1].split("-")[0]
-                    if start != str(have):
-                        raise DownloadError(f"{url} resumed at byte {start}, expected {have}")
-                    total = _content_range_total(resp.headers.get("Content-Range")) or total
-                else:
-                    have = 0  # the server sent the whole file: start over
-                    length = resp.headers.get("Content-Length")
-                    total = int(length) if length and length.isdigit() else total
-                with open(part, "ab" if have else "wb") as f, tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=name, disable=not progress, file=sys.stderr,
-                ) as bar:
-                    while True:
-                        try:
-                            block = resp.read(CHUNK)
-                        except (http.client.IncompleteRead, OSError):
-                            break  # connection lost: the size check below reports it
-                        if not block:
-                            break
-                        try:
-                            f.write(block)
-                        except OSError as e:
-                            raise DownloadError(
-                                f"cannot write {part} ({e.strerror or e}); free some space "
-                                "and run the same command again to resume"
-                            ) from None
-                        bar.update(len(block))
+        total = _fetch_rest(name, url, part, have, total, timeout, progress)
     size = os.path.getsize(part) if os.path.exists(part) else 0
     if total is not None and size != total:
         raise DownloadError(
@@ -137,6 +96,60 @@ def download(name, models_dir, base_url=DEFAULT_BASE_URL, timeout=60, progress=T
     os.replace(part, final)
     print(f"{final}: {size} bytes")
     return final
+
+
+def _fetch_rest(name, url, part, have, total, timeout, progress):
+    """
+    Append what `part` lacks (from byte `have`; the whole file when the
+    server ignores the range). Returns the file's total size as the server
+    gave it (or `total` when it did not say).
+    """
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left to send: the partial file is whole
+            return _content_range_total(e.headers.get("Content-Range")) or have
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DownloadError(f"cannot reach {url} ({getattr(e, 'reason', e)})") from None
+    with resp:
+        if have and resp.status == 206:
+            start = resp.headers.get("Content-Range", "").split(" ")[-1].split("-")[0]
+            if start != str(have):
+                raise DownloadError(f"{url} resumed at byte {start}, expected {have}")
+            total = _content_range_total(resp.headers.get("Content-Range")) or total
+        else:
+            have = 0  # the server sent the whole file: start over
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else total
+        _copy_to(resp, part, have, total, name, progress)
+    return total
+
+
+def _copy_to(resp, part, have, total, name, progress):
+    """Stream the response into `part` (appended after `have` bytes) until it ends or breaks."""
+    from tqdm.auto import tqdm
+
+    with open(part, "ab" if have else "wb") as f, tqdm(
+        total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+        desc=name, disable=not progress, file=sys.stderr,
+    ) as bar:
+        while True:
+            try:
+                block = resp.read(CHUNK)
+            except (http.client.IncompleteRead, OSError):
+                break  # connection lost: the size check of download() reports it
+            if not block:
+                break
+            try:
+                f.write(block)
+            except OSError as e:
+                raise DownloadError(
+                    f"cannot write {part} ({e.strerror or e}); free some space "
+                    "and run the same command again to resume"
+                ) from None
+            bar.update(len(block))
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 
-from improved_diffusion.model_card import run_flags  # noqa: E402
+from improved_diffusion.checkpoints.model_card import run_flags  # noqa: E402
 
 CARD = os.path.join(REPO_ROOT, "models", "fashion32_ema.json")
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from improved_diffusion.fashion_mnist import (  # noqa: E402
+from evaluations.fashion_mnist import (  # noqa: E402
     DEFAULT_SOURCE_DIR,
     FashionMNISTMissingError,
     class_prefix,

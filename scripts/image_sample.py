@@ -15,11 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from improved_diffusion import cli, dist_util, sampling  # noqa: E402
-from improved_diffusion.checkpoints import model_from_args  # noqa: E402
-from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
-from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
-from improved_diffusion.script_util import model_and_diffusion_defaults, sag_defaults  # noqa: E402
+from improved_diffusion import cli, dist_util  # noqa: E402
+from improved_diffusion.sampling import drawer  # noqa: E402
+from improved_diffusion.checkpoints.loading import model_from_args  # noqa: E402
+from improved_diffusion.guidance.sag import SelfAttentionGuidance  # noqa: E402
+from improved_diffusion.run.sample_run import Batches, sample_to_npz  # noqa: E402
 
 
 def main(argv=None):
@@ -34,9 +34,9 @@ def main(argv=None):
     def setup(log_dir):
         model, diffusion = cli.agree(model_from_args, args)
         sag = cli.agree(SelfAttentionGuidance.from_args, model, args)
-        draw = sampling.make_drawer(args, model, diffusion, sag)
-        return Batches(draw, sampling.describe_setup(args, model, draw),
-                       sampling.sag_pictures(args, draw, log_dir))
+        draw = drawer.make_drawer(args, model, diffusion, sag)
+        return Batches(draw, drawer.describe_setup(args, model, draw),
+                       drawer.sag_pictures(args, draw, log_dir))
 
     path = sample_to_npz(args, "image_sample", args.image_size, args.class_cond,
                          {"model_path": args.model_path}, setup)
@@ -46,7 +46,7 @@ def main(argv=None):
 
 
 def create_argparser():
-    return cli.sampling_argparser(__doc__, model_and_diffusion_defaults(), sag_defaults())
+    return cli.sampling_argparser(__doc__, *cli.sample_flag_sets("image_sample"))
 
 
 if __name__ == "__main__":

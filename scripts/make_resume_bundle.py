@@ -22,7 +22,7 @@ import torch as th
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from improved_diffusion.file_util import atomic_torch_save  # noqa: E402
+from improved_diffusion.files.atomic import atomic_torch_save  # noqa: E402
 
 
 def compact_optimizer_state(state_dict, dtype):

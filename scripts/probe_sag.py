@@ -32,7 +32,6 @@ model's flags come from --card, with the model flags of the
 model_flags.json beside a checkpoint where there is one.
 """
 
-import argparse
 import os
 import sys
 
@@ -41,11 +40,11 @@ import torch as th
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from improved_diffusion.checkpoints import model_from_card  # noqa: E402
-from improved_diffusion.image_datasets import first_images  # noqa: E402
-from improved_diffusion.model_card import read_model_card  # noqa: E402
-from improved_diffusion.guided_denoiser import DiffusionTimes, GuidedDenoiser  # noqa: E402
-from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
+from improved_diffusion.checkpoints.loading import model_from_card  # noqa: E402
+from improved_diffusion.checkpoints.probes import probe_argparser, read_probe_inputs  # noqa: E402
+from improved_diffusion.errors import UsageError  # noqa: E402
+from improved_diffusion.guidance.denoiser import DiffusionTimes, GuidedDenoiser  # noqa: E402
+from improved_diffusion.guidance.sag import SelfAttentionGuidance  # noqa: E402
 
 
 def foreground(images, threshold=0.1):
@@ -90,23 +89,16 @@ def restored(x0, x0_blur, x0_bar):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+")
-    parser.add_argument("--data_dir", default=os.path.join(REPO_ROOT, "data", "fashion_train"))
-    parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--timesteps", default="100,300,500,700,900")
+    parser = probe_argparser(__doc__, n=64, timesteps="100,300,500,700,900")
     parser.add_argument("--blur_sigma", type=float, default=3.0)
     parser.add_argument("--threshold", type=float, default=0.1)
-    parser.add_argument("--card", default=os.path.join(REPO_ROOT, "models", "fashion32_ema.json"))
     args = parser.parse_args(argv)
-    for path in [args.card, args.data_dir, *args.checkpoints]:
-        if not os.path.exists(path):
-            print(f"error: {path}: not found; pass an existing file or folder", file=sys.stderr)
-            return 2
-    card = read_model_card(args.card)
-    x0, cond = first_images(args.data_dir, args.n, card["image_size"], card.get("class_cond", False))
+    try:
+        _, x0, cond, timesteps = read_probe_inputs(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     fg = foreground(x0, args.threshold)
-    timesteps = [int(t) for t in args.timesteps.split(",")]
     print(f"foreground: {fg.float().mean().item():.3f} of the pixels; blur sigma {args.blur_sigma:g}")
     print("| checkpoint | block | " + " | ".join(f"t = {t}" for t in timesteps) + " |")
     print("|---" * (len(timesteps) + 2) + "|")

@@ -18,7 +18,6 @@ beside the checkpoint where there is one; float32); a checkpoint's row reads
 many minutes for sampling and scoring: a quick way to follow a training run.
 """
 
-import argparse
 import os
 import sys
 
@@ -27,9 +26,9 @@ import torch as th
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from improved_diffusion.checkpoints import model_from_card  # noqa: E402
-from improved_diffusion.image_datasets import first_images  # noqa: E402
-from improved_diffusion.model_card import read_model_card  # noqa: E402
+from improved_diffusion.checkpoints.loading import model_from_card  # noqa: E402
+from improved_diffusion.checkpoints.probes import probe_argparser, read_probe_inputs  # noqa: E402
+from improved_diffusion.errors import UsageError  # noqa: E402
 
 
 def _colour_of_mean(x):
@@ -45,20 +44,12 @@ def _correlation(a, b):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+")
-    parser.add_argument("--data_dir", default=os.path.join(REPO_ROOT, "data", "fashion_train"))
-    parser.add_argument("--n", type=int, default=128)
-    parser.add_argument("--timesteps", default="100,400,700,900,999")
-    parser.add_argument("--card", default=os.path.join(REPO_ROOT, "models", "fashion32_ema.json"))
-    args = parser.parse_args(argv)
-    for path in [args.card, args.data_dir, *args.checkpoints]:
-        if not os.path.exists(path):
-            print(f"error: {path}: not found; pass an existing file or folder", file=sys.stderr)
-            return 2
-    card = read_model_card(args.card)
-    x0, cond = first_images(args.data_dir, args.n, card["image_size"], card.get("class_cond", False))
-    timesteps = [int(t) for t in args.timesteps.split(",")]
+    args = probe_argparser(__doc__, n=128, timesteps="100,400,700,900,999").parse_args(argv)
+    try:
+        _, x0, cond, timesteps = read_probe_inputs(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("| checkpoint | " + " | ".join(f"t = {t}" for t in timesteps) + " |")
     print("|---" * (len(timesteps) + 1) + "|")
     for path in args.checkpoints:

@@ -18,8 +18,8 @@ the other flags, and added when the grid has none.
 
 Scores (rank 0): with --ref_batch the evaluator's FID, sFID, IS, precision
 and recall (the reference's Inception pass once); for a Fashion-MNIST model
-(32x32, 10 classes) the label accuracy and feature FID of
-evaluations/fashion_metrics.py. Differences against the baseline come with
+(its model card says "dataset": "fashion_mnist", or --dataset fashion_mnist)
+the label accuracy and feature FID of evaluations/fashion_metrics.py. Differences against the baseline come with
 paired bootstrap intervals over positions. Written to the log directory:
 sweep.csv, sweep.json and sweep.png (with matplotlib: pip install -e '.[plot]').
 docs/sag-sweep.md tells more.
@@ -27,54 +27,33 @@ docs/sag-sweep.md tells more.
 
 import argparse
 import csv
-import importlib.util
-import itertools
 import os
 import sys
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(SCRIPTS))
 
-import numpy as np  # noqa: E402
 
-from evaluations.paired_stats import (  # noqa: E402
-    FrechetReference,
-    FrechetToReference,
-    fid_of,
-    mcnemar,
-    mean_score,
-    paired_bootstrap,
+from improved_diffusion.run.sweep_grid import (  # noqa: E402
+    BASELINE_SCALE,
+    CLASSIFIER_FLAGS,
+    SAMPLER_FLAGS,
+    check_setting,
+    grid_names,
+    parse_grids,
+    setting_args,
+    settings_of_grids,
 )
-from improved_diffusion import cli, dist_util, sampling  # noqa: E402
-from improved_diffusion.checkpoints import classifier_from_args, model_from_args  # noqa: E402
-from improved_diffusion.file_util import atomic_json, atomic_write  # noqa: E402
-from improved_diffusion.sample_run import Batches, default_log_dir, sample_to_npz  # noqa: E402
-from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
-from improved_diffusion.samplers import Sampler  # noqa: E402
+from evaluations.sweep_scores import DATASETS, NO_SCORER, Scorer, compare, dataset_of  # noqa: E402
+from improved_diffusion import cli, dist_util  # noqa: E402
+from improved_diffusion.sampling import drawer  # noqa: E402
+from improved_diffusion.checkpoints.loading import classifier_from_args, model_from_args  # noqa: E402
+from improved_diffusion.files.atomic import atomic_json, atomic_write  # noqa: E402
+from improved_diffusion.run.sample_run import Batches, default_log_dir, sample_to_npz  # noqa: E402
+from improved_diffusion.guidance.sag import SelfAttentionGuidance  # noqa: E402
+from improved_diffusion.sampling.samplers import Sampler  # noqa: E402
 from improved_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
 
-def _load_script(name):
-    """A sampling script of this folder as a module (its flags and nothing run)."""
-    spec = importlib.util.spec_from_file_location(f"sag_sweep_{name}", os.path.join(SCRIPTS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-image_sample = _load_script("image_sample")
-classifier_sample = _load_script("classifier_sample")
-
-# Flags that only act through a second SAG pass: none of them changes a
-# sample at guide_scale 1.0 (SelfAttentionGuidance.applies is then False at
-# every step and the sampler takes the plain path).
-SAG_ONLY = ("blur_sigma", "sel_attn_block", "sel_attn_depth", "guide_start", "sag_true_attention")
-# The sampler's flags (a setting with another --timestep_respacing gets its own diffusion).
-SAMPLER_FLAGS = ("sampler", "use_ddim", "eta", "timestep_respacing", "solver_steps", "solver_order",
-                 "skip_type", "solver_time_map")
-SWEEPABLE = ("guide_scale",) + SAG_ONLY + SAMPLER_FLAGS + (
-    "clip_denoised", "classifier_scale", "classifier_guidance")
-CLASSIFIER_FLAGS = ("classifier_scale", "classifier_guidance")
-BASELINE_SCALE = 1.0
 SWEEP_DIR = "settings"
 PLOT_HINT = "sweep.png not written: matplotlib is not installed (pip install -e '.[plot]')"
 
@@ -90,10 +69,13 @@ def add_sweep_flags(parser):
                         help="bootstrap resamples of the positions for the intervals (0: none)")
     parser.add_argument("--reference", default="",
                         help="a setting's name: every row is also compared with it (ref_diff_*)")
+    parser.add_argument("--dataset", default="", choices=("",) + DATASETS + ("none",),
+                        help="the dataset whose own scorer applies (default: the model card's "
+                        "'dataset'; none: no dataset scorer)")
     return parser
 
 
-SWEEP_DESTS = ("grid", "ref_batch", "inception_path", "bootstrap", "reference")
+SWEEP_DESTS = ("grid", "ref_batch", "inception_path", "bootstrap", "reference", "dataset")
 # Flags that set how many steps a sampler takes (the x axis of nfe.png).
 STEP_FLAGS = ("timestep_respacing", "solver_steps")
 
@@ -103,121 +85,24 @@ STEP_FLAGS = ("timestep_respacing", "solver_steps")
 # ---------------------------------------------------------------------------
 
 
-def grid_names(text):
-    """The flag names of a grid text (for choosing the script before parsing values)."""
-    return [item.split("=", 1)[0] for item in text.replace(";", " ").split()]
-
-
 def parse_args(argv):
-    """(fixed flags as the script parses them, sweep flags, the script module, its name)."""
-    args = cli.parse_sample_args(add_sweep_flags(classifier_sample.create_argparser()), argv)
+    """(fixed flags as the script parses them, sweep flags, the script's parser, its name)."""
+    args = cli.parse_sample_args(add_sweep_flags(sweep_parser("classifier_sample")), argv)
     with_classifier = (bool(args.classifier_path) or args.classifier_guidance
                        or any(n in CLASSIFIER_FLAGS for n in grid_names(args.grid)))
-    script, name = classifier_sample, "classifier_sample"
+    name = "classifier_sample" if with_classifier else "image_sample"
     if not with_classifier:
-        script, name = image_sample, "image_sample"
-        args = cli.parse_sample_args(add_sweep_flags(script.create_argparser()), argv)
+        args = cli.parse_sample_args(add_sweep_flags(sweep_parser(name)), argv)
     sweep = argparse.Namespace(**{k: getattr(args, k) for k in SWEEP_DESTS})
     fixed = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in SWEEP_DESTS})
     if sweep.bootstrap < 0:
         raise cli.pure_usage_error(f"--bootstrap must be >= 0, got {sweep.bootstrap}")
-    return fixed, sweep, script, name
+    return fixed, sweep, sweep_parser(name), name
 
 
-def parse_grids(text, parser):
-    """
-    ``"flag=v1,v2 flag2=w1; flag3=u1,u2"`` -> one grid per ``;``-separated
-    part (settings: the union of their products), each as :func:`parse_grid`.
-    """
-    parts = text.split(";")
-    if len(parts) > 1 and any(not part.split() for part in parts):
-        raise cli.pure_usage_error(f"--grid: an empty part between ';' in {text!r}")
-    return [parse_grid(part, parser) for part in parts]
-
-
-def parse_grid(text, parser):
-    """
-    ``"flag=v1,v2 flag2=w1"`` -> [(flag, [values parsed like the flag]), ...]
-    in the order given; raises a pure UsageError naming the bad part.
-    """
-    sweepable = ", ".join(SWEEPABLE)
-    if not text.split():
-        raise cli.pure_usage_error(
-            f"--grid is empty; give flag=v1,v2,... items, e.g. \"guide_scale=1.0,1.5\" "
-            f"(sweepable: {sweepable})")
-    types = {a.dest: a.type for a in parser._actions}
-    grid, seen = [], set()
-    for item in text.split():
-        flag, sep, values = item.partition("=")
-        if not sep:
-            raise cli.pure_usage_error(f"--grid: {item!r} is not flag=v1,v2,...")
-        if flag not in SWEEPABLE:
-            raise cli.pure_usage_error(f"--grid: unknown flag {flag!r} (sweepable: {sweepable})")
-        if flag in seen:
-            raise cli.pure_usage_error(f"--grid: {flag} is given twice; list its values once")
-        seen.add(flag)
-        raw = values.split(",")
-        if not values or any(not v for v in raw):
-            raise cli.pure_usage_error(f"--grid: {flag} has an empty value in {item!r}")
-        parsed = []
-        for v in raw:
-            try:
-                value = types[flag](v)
-            except (TypeError, ValueError, argparse.ArgumentTypeError):
-                kind = getattr(types[flag], "__name__", "value").replace("str2bool", "True/False")
-                raise cli.pure_usage_error(
-                    f"--grid: {flag} cannot take {v!r} (expects {kind})") from None
-            if value in parsed:
-                raise cli.pure_usage_error(f"--grid: {flag} lists {v!r} twice")
-            parsed.append(value)
-        grid.append((flag, parsed))
-    return grid
-
-
-def _text(value):
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def settings_of(grid, fixed):
-    """
-    The settings, in a stable order: the Cartesian product of the grid (the
-    first flag varying slowest), the no-SAG baselines sampled once per value
-    of the other flags (added first when the grid has none).
-
-    :return: (settings, notes) with each setting a dict(name, values (every
-        grid flag), shown (the flags that act), baseline, group).
-    """
-    flags = [f for f, _ in grid]
-    group_flags = [f for f in flags if f != "guide_scale" and f not in SAG_ONLY]
-    settings, names, notes = [], set(), []
-    for combo in itertools.product(*[vals for _, vals in grid]):
-        values = dict(zip(flags, combo))
-        scale = values.get("guide_scale", fixed.guide_scale)
-        settings.append(_setting(values, flags, group_flags, float(scale) == BASELINE_SCALE))
-    for s in list(settings):
-        if s["baseline"] and s["name"] in names:
-            settings.remove(s)  # the same samples as the first one of this name
-        names.add(s["name"])
-    for group in dict.fromkeys(s["group"] for s in settings):
-        if not any(s["baseline"] and s["group"] == group for s in settings):
-            first = {f: vals[0] for f, vals in grid}
-            first.update(dict(group), guide_scale=BASELINE_SCALE)
-            base = _setting(first, flags, group_flags, True)
-            settings.insert(0, base)
-            notes.append(f"the grid has no guide_scale {BASELINE_SCALE}: adding the no-SAG "
-                         f"baseline {base['name']}")
-    return settings, notes
-
-
-def settings_of_grids(grids, fixed):
-    """The settings of several grids: each grid's (:func:`settings_of`), each name once."""
-    settings, notes, names = [], [], set()
-    for grid in grids:
-        part, part_notes = settings_of(grid, fixed)
-        settings += [s for s in part if s["name"] not in names]
-        names.update(s["name"] for s in part)
-        notes += part_notes
-    return settings, notes
+def sweep_parser(script):
+    """The parser of a sampling script's flags (``image_sample`` or ``classifier_sample``)."""
+    return cli.sampling_argparser(__doc__, *cli.sample_flag_sets(script))
 
 
 def diffusion_of(args):
@@ -239,170 +124,17 @@ def network_evaluations(args, diffusion):
     return steps + guided
 
 
-def _setting(values, flags, group_flags, baseline):
-    shown = {f: values[f] for f in flags if not (baseline and f in SAG_ONLY)}
-    if baseline:
-        shown = dict(guide_scale=BASELINE_SCALE, **{f: v for f, v in shown.items()
-                                                     if f != "guide_scale"})
-    name = ",".join(f"{f}={_text(v)}" for f, v in shown.items())
-    return dict(name=name, values=values, shown=shown, baseline=baseline,
-                group=tuple((f, values[f]) for f in group_flags))
-
-
-def setting_args(fixed, setting):
-    """
-    The flags of one setting: the fixed part with the setting's grid values.
-    A baseline runs no SAG pass, so it keeps the fixed part's SAG-only flags
-    whatever the grid lists: the same run (and the same folder to resume)
-    in every sweep that shares it, in whatever order the grid gives them.
-    """
-    args = argparse.Namespace(**vars(fixed))
-    for flag, value in setting["values"].items():
-        if not (setting["baseline"] and flag in SAG_ONLY):
-            setattr(args, flag, value)
-    if setting["baseline"]:
-        args.guide_scale = BASELINE_SCALE
-    return args
-
-
-def check_setting(args, setting, with_classifier):
-    """The flag checks of the scripts, for one setting (pure UsageError)."""
-    try:
-        cli.validate_sample_args(args)
-    except cli.UsageError as e:
-        raise cli.pure_usage_error(f"--grid: setting {setting['name']}: {e}") from None
-    if with_classifier and args.classifier_guidance and not args.classifier_path:
-        where = (f"--grid: setting {setting['name']}" if "classifier_guidance" in setting["values"]
-                 else "--classifier_guidance True")
-        raise cli.pure_usage_error(
-            f"{where} needs --classifier_path (a noisy-image classifier); pass it, or leave "
-            "classifier guidance off")
-
-
-# ---------------------------------------------------------------------------
-# Before sampling: the reference batch and the scorers
-# ---------------------------------------------------------------------------
-
-
-def is_fashion_model(args):
-    return int(args.image_size) == 32 and int(args.num_classes) == 10
-
-
-class Scorer:
-    """What scores a setting's npz: the evaluator with its reference, the Fashion-MNIST metrics."""
-
-    def __init__(self, sweep, args, has_labels):
-        from evaluations import fashion_metrics
-
-        self.sweep, self.has_labels = sweep, has_labels
-        self.inception = self.ref = None
-        if sweep.ref_batch:
-            from evaluations.evaluator import Evaluator, NpzBatch
-            from evaluations.fid_inception import (EvaluationError, load_fid_inception,
-                                                   resolve_inception_weights)
-
-            try:
-                self.ref = NpzBatch(sweep.ref_batch)
-                weights = resolve_inception_weights(sweep.inception_path)
-                self.inception = Evaluator(load_fid_inception(weights, device=dist_util.dev()),
-                                           device=dist_util.dev(), progress=False)
-            except EvaluationError as e:
-                raise cli.UsageError(f"--ref_batch/--inception_path: {e}") from None
-            size = int(args.image_size)
-            if tuple(self.ref.shape[1:3]) != (size, size):
-                raise cli.UsageError(
-                    f"--ref_batch {sweep.ref_batch} holds {self.ref.shape[1]}x{self.ref.shape[2]} "
-                    f"images but the samples are {size}x{size} (--image_size {size}); pass a "
-                    "reference batch of the model's size")
-            if len(self.ref) < 4 or int(args.num_samples) < 4:
-                raise cli.UsageError(
-                    f"precision and recall need at least 4 images (--ref_batch holds "
-                    f"{len(self.ref)}, --num_samples {args.num_samples})")
-        self.fashion = None
-        if is_fashion_model(args):
-            try:
-                self.fashion = fashion_metrics.load_eval_classifier()
-            except FileNotFoundError as e:
-                raise cli.UsageError(f"Fashion-MNIST metrics: {e}") from None
-        self.ref_acts = self.ref_stats = self.fashion_ref = None
-
-    def _reference(self):
-        """The reference statistics, computed once."""
-        from evaluations import fashion_metrics
-
-        if self.inception is not None and self.ref_acts is None:
-            self.ref_acts = self.inception.read_activations(self.ref, desc="reference batch")
-            self.ref_stats = [FrechetReference(*stats) for stats in
-                              self.inception.read_statistics(self.ref, self.ref_acts)]
-        if self.fashion is not None and self.fashion_ref is None:
-            self.fashion_ref = FrechetReference(*fashion_metrics.reference_stats(
-                self.fashion, fashion_metrics.DEFAULT_CLASSIFIER))
-
-    def score(self, path):
-        """
-        (scores, per-position data for the paired comparison) of one npz. The
-        Frechet distances are the evaluator's (evaluations/paired_stats.py
-        computes them without its matrix square root, equal up to rounding).
-        """
-        from evaluations import evaluator, fashion_metrics
-
-        self._reference()
-        scores, paired = {}, {}
-        with np.load(path) as z:
-            images = z["arr_0"]
-            labels = z["arr_1"] if "arr_1" in z else None
-        scores["n"] = len(images)
-        if self.inception is not None:
-            pool, spatial = self.inception.read_activations(evaluator.NpzBatch(path),
-                                                            desc=os.path.basename(path))
-            paired["fid"] = FrechetToReference(pool, self.ref_stats[0])
-            scores["fid"] = paired["fid"]()
-            scores["sfid"] = FrechetToReference(spatial, self.ref_stats[1])()
-            scores["inception_score"] = self.inception.compute_inception_score(pool)
-            scores["precision"], scores["recall"] = evaluator.precision_recall(
-                self.ref_acts[0], pool, device=str(dist_util.dev()))
-        if self.fashion is not None:
-            feats = fashion_metrics.features(self.fashion, images)
-            paired["fashion_fid"] = FrechetToReference(feats, self.fashion_ref)
-            scores["fashion_fid"] = paired["fashion_fid"]()
-            if labels is not None:
-                right = fashion_metrics.predict(self.fashion, images) == labels
-                scores["accuracy"] = float(right.mean())
-                paired["accuracy"] = right
-        return {k: float(v) if k != "n" else int(v) for k, v in scores.items()}, paired
-
-
-def compare(scores, paired, base_scores, base_paired, n_boot):
-    """Differences against the baseline; intervals for accuracy and the FIDs."""
-    out = {}
-    for key, value in scores.items():
-        if key == "n" or key not in base_scores:
-            continue
-        out[f"diff_{key}"] = value - base_scores[key]
-        if key in paired:
-            score = mean_score if key == "accuracy" else fid_of
-            res = paired_bootstrap(score, paired[key], base_paired[key], n_boot=n_boot, seed=0)
-            out[f"diff_{key}"] = res["difference"]
-            if res["ci"] is not None:
-                out[f"diff_{key}_ci_low"], out[f"diff_{key}_ci_high"] = res["ci"]
-    if "accuracy" in paired:
-        m = mcnemar(paired["accuracy"], base_paired["accuracy"])
-        out.update(right_only_here=m["right_only_in_a"], right_only_in_baseline=m["right_only_in_b"],
-                   mcnemar_p=m["p"])
-    return out
-
-
 # ---------------------------------------------------------------------------
 # The sweep
 # ---------------------------------------------------------------------------
 
 
-def drawer(args, model, diffusion, sag, classifier, with_classifier):
+def setting_drawer(args, model, diffusion, sag, classifier, with_classifier):
     """The BatchDrawer of one setting, as the script the sweep stands for builds it."""
     if with_classifier:
         guided = classifier if args.classifier_guidance else None
-        return sampling.make_drawer(args, model, diffusion, sag, guided, labels_always=True)
-    return sampling.make_drawer(args, model, diffusion, sag)
+        return drawer.make_drawer(args, model, diffusion, sag, guided, labels_always=True)
+    return drawer.make_drawer(args, model, diffusion, sag)
 
 
 def log0(line):
@@ -411,9 +143,9 @@ def log0(line):
 
 
 def main(argv=None):
-    fixed, sweep, script, script_name = parse_args(argv)
-    with_classifier = script is classifier_sample
-    grids = parse_grids(sweep.grid, script.create_argparser())
+    fixed, sweep, script_parser, script_name = parse_args(argv)
+    with_classifier = script_name == "classifier_sample"
+    grids = parse_grids(sweep.grid, script_parser)
     settings, notes = settings_of_grids(grids, fixed)
     runs = [(s, setting_args(fixed, s)) for s in settings]
     if sweep.reference and sweep.reference not in [s["name"] for s in settings]:
@@ -428,7 +160,9 @@ def main(argv=None):
     scorer = [None]
 
     def make_scorer():
-        scorer[0] = Scorer(sweep, fixed, has_labels)
+        scorer[0] = Scorer(sweep, fixed, has_labels, dataset_of(sweep.dataset, fixed.model_path))
+        if not scorer[0].scores_anything:
+            print(NO_SCORER, flush=True)
 
     cli.on_rank0(make_scorer)
     # The model once for the whole sweep; a SAG object per setting (all built,
@@ -446,6 +180,19 @@ def main(argv=None):
         log0(line)
     log0(f"sweep of {len(runs)} settings ({script_name}) into {log_dir}")
 
+    paths = sample_settings(runs, sags, model, diffusions, classifier, with_classifier,
+                            script_name, has_labels, log_dir)
+    if dist_util.get_rank() != 0:
+        return None
+    rows = score_settings(runs, paths, scorer[0], sweep, log_dir, grids, diffusions)
+    write_outputs(log_dir, rows, grids, fixed, sweep, script_name)
+    return rows
+
+
+def sample_settings(runs, sags, model, diffusions, classifier, with_classifier, script_name,
+                    has_labels, log_dir):
+    """Each setting as an ordinary run in its own folder (resumed, or left as it is when
+    complete); the npz paths on rank 0."""
     paths = []
     for i, ((s, args), sag) in enumerate(zip(runs, sags)):
         files = {"model_path": args.model_path}
@@ -455,10 +202,10 @@ def main(argv=None):
 
         def setup(setting_dir, args=args, sag=sag, drawn=drawn):
             drawn.append(True)
-            draw = drawer(args, model, diffusions[args.timestep_respacing], sag, classifier,
-                          with_classifier)
-            return Batches(draw, sampling.describe_setup(args, model, draw),
-                           sampling.sag_pictures(args, draw, setting_dir))
+            draw = setting_drawer(args, model, diffusions[args.timestep_respacing], sag, classifier,
+                                  with_classifier)
+            return Batches(draw, drawer.describe_setup(args, model, draw),
+                           drawer.sag_pictures(args, draw, setting_dir))
 
         log0(f"setting {i + 1}/{len(runs)}: {s['name']}")
         path = sample_to_npz(args, script_name, args.image_size, has_labels, files, setup,
@@ -466,11 +213,7 @@ def main(argv=None):
         log0(f"setting {i + 1}/{len(runs)}: {s['name']}: "
              + ("sampled" if drawn else "already complete, not redrawn"))
         paths.append(path)
-    if dist_util.get_rank() != 0:
-        return None
-    rows = score_settings(runs, paths, scorer[0], sweep, log_dir, grids, diffusions)
-    write_outputs(log_dir, rows, grids, fixed, sweep, script_name)
-    return rows
+    return paths
 
 
 def _log_dir():

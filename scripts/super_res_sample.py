@@ -19,12 +19,12 @@ import torch as th
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from improved_diffusion import cli, dist_util, sampling  # noqa: E402
-from improved_diffusion.checkpoints import model_from_args  # noqa: E402
-from improved_diffusion.npz_io import npz_array  # noqa: E402
-from improved_diffusion.sag import SelfAttentionGuidance  # noqa: E402
-from improved_diffusion.sample_run import Batches, sample_to_npz  # noqa: E402
-from improved_diffusion.script_util import sag_defaults, sr_model_and_diffusion_defaults  # noqa: E402
+from improved_diffusion import cli, dist_util  # noqa: E402
+from improved_diffusion.sampling import drawer  # noqa: E402
+from improved_diffusion.checkpoints.loading import model_from_args  # noqa: E402
+from improved_diffusion.files.npz import npz_array  # noqa: E402
+from improved_diffusion.guidance.sag import SelfAttentionGuidance  # noqa: E402
+from improved_diffusion.run.sample_run import Batches, sample_to_npz  # noqa: E402
 
 
 def main(argv=None):
@@ -59,12 +59,12 @@ def main(argv=None):
                 model_kwargs["y"] = th.from_numpy(batch_labels).to(device)
             return model_kwargs, batch_labels
 
-        draw = sampling.make_drawer(args, model, diffusion, sag, batch_inputs=base_inputs,
+        draw = drawer.make_drawer(args, model, diffusion, sag, batch_inputs=base_inputs,
                                     image_size=args.large_size)
 
         base = f"base samples {args.base_samples}: {len(images)} images"
-        return Batches(draw, sampling.describe_setup(args, model, draw, [base]),
-                       sampling.sag_pictures(args, draw, log_dir))
+        return Batches(draw, drawer.describe_setup(args, model, draw, [base]),
+                       drawer.sag_pictures(args, draw, log_dir))
 
     path = sample_to_npz(args, "super_res_sample", args.large_size, args.class_cond, files, setup)
     if path:
@@ -111,8 +111,7 @@ def open_base_samples(args):
 
 
 def create_argparser():
-    return cli.sampling_argparser(__doc__, sr_model_and_diffusion_defaults(), sag_defaults(),
-                                  dict(base_samples=""))
+    return cli.sampling_argparser(__doc__, *cli.sample_flag_sets("super_res_sample"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 import contextlib
 import glob
-import importlib.util
+import importlib
 import json
 import os
 import shlex
@@ -118,9 +118,9 @@ def draw(diffusion, model, sag=None, ddim=False, seeds=(0, 1), classifier=None, 
     Samples (float NCHW, the final x) of `model` at `seeds` through the
     fork's sampler and guided denoiser: ancestral or DDIM over `diffusion`.
     """
-    from improved_diffusion.guided_denoiser import GuidedDenoiser
-    from improved_diffusion.random_util import BatchGenerator
-    from improved_diffusion.samplers import Sampler
+    from improved_diffusion.guidance.denoiser import GuidedDenoiser
+    from improved_diffusion.sampling.random_util import BatchGenerator
+    from improved_diffusion.sampling.samplers import Sampler
 
     gen = BatchGenerator(list(seeds)) if prefetch is None else BatchGenerator(list(seeds), prefetch=prefetch)
     x = gen.randn((len(seeds), 3, size, size), device=device)
@@ -247,23 +247,16 @@ def kill_when(cmd, env, done, timeout=240):
     return proc.returncode
 
 
-def run_until_shards_then_kill(script, flags, logdir, ranks, shards, timeout=240):
-    """Run the script on `ranks` ranks and kill it once `shards` shards exist.
-    Returns (its exit status, the positions the shards hold)."""
-    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, os.path.join(ROOT, "scripts", script)]
-    shard_dir = os.path.join(str(logdir), "shards")
-
-    def enough_shards():
-        names = os.listdir(shard_dir) if os.path.isdir(shard_dir) else []
-        return sum(n.startswith("shard_") for n in names) >= shards
-
-    returncode = kill_when(cmd + shlex.split(flags), env_for(logdir), enough_shards, timeout)
-    held = set()
-    for name in os.listdir(shard_dir):
-        if name.startswith("shard_") and name.endswith(".npz"):
-            s, e = name[len("shard_"):-len(".npz")].split("_")[1].split("-")
-            held.update(range(int(s), int(e)))
-    return returncode, held
+def die_while_writing(how, script, flags, logdir, ranks=None, timeout=240):
+    """
+    tests/die_while_writing.py: scripts/`script` (a module name) SIGKILLed at
+    a known point, e.g. ``how="shard 1"`` or ``"shard_together 3 DIR"``.
+    """
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "die_while_writing.py")] + how.split()
+    cmd += [script] + shlex.split(flags)
+    if ranks:
+        cmd = [MPIEXEC, "-n", str(ranks)] + cmd
+    return subprocess.run(cmd, capture_output=True, text=True, env=env_for(logdir), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +290,7 @@ def probe_inputs(folder, n=4, size=16):
     """
     from PIL import Image
 
-    from improved_diffusion.model_card import write_model_card
+    from improved_diffusion.checkpoints.model_card import write_model_card
 
     model, _ = tiny_model(class_cond=True, num_classes=2, timestep_respacing="")
     ckpt = folder / "tiny.pt"
@@ -313,12 +306,9 @@ def probe_inputs(folder, n=4, size=16):
     return model, ckpt, folder / "tiny.json", data
 
 
-def load_script(name, folder="scripts"):
-    """<folder>/<name>.py as a module, nothing run (its main, for run_in_process)."""
-    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", os.path.join(ROOT, folder, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script_module(name, package="scripts"):
+    """The module <package>/<name>.py, imported as ``<package>.<name>`` (nothing run: its main, flags)."""
+    return importlib.import_module(f"{package}.{name}")
 
 
 def run_in_process(module, flags, logdir, capsys, monkeypatch):

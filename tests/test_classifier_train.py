@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from conftest import env_for, load_script
+from conftest import env_for, script_module
 from improved_diffusion import logger
 from improved_diffusion.script_util import (
     classifier_and_diffusion_defaults,
@@ -32,7 +32,7 @@ TINY = dict(
 TINY_CLI = [f"--{k}={v}" for k, v in TINY.items()]
 
 
-ct = load_script("classifier_train")
+ct = script_module("classifier_train")
 
 
 pytestmark = pytest.mark.usefixtures("single_process", "own_logger")

@@ -10,8 +10,8 @@ import torch as th
 from conftest import draw, tiny_model
 from test_perf_attention import check_captured_layer_once_others_sdpa
 from improved_diffusion import unet
-from improved_diffusion.random_util import BatchGenerator
-from improved_diffusion.sag import SelfAttentionGuidance
+from improved_diffusion.sampling.random_util import BatchGenerator
+from improved_diffusion.guidance.sag import SelfAttentionGuidance
 from improved_diffusion.script_util import half_dtype_for, prepare_model_for_sampling
 from improved_diffusion.unet import QKVAttentionLegacy, einsum_attention, sdpa_attention
 

@@ -11,7 +11,7 @@ import pytest
 import torch as th
 from PIL import Image
 
-from conftest import load_script
+from conftest import script_module
 from improved_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -49,7 +49,7 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_demo_pipeline_on_tiny_checkpoint(tmp_path, capsys, monkeypatch):
-    demo = load_script("demo")
+    demo = script_module("demo")
     out = tmp_path / "out"
     metrics = demo.main(["--out_dir", str(out), "--num_samples", "5", "--seed", "3",
                          "--model_path", tiny_checkpoint(tmp_path)])
@@ -95,7 +95,7 @@ def test_demo_pipeline_on_tiny_checkpoint(tmp_path, capsys, monkeypatch):
         plain, plain_labels = z["arr_0"], z["arr_1"]
     assert np.array_equal(plain_labels, labels)
     assert not np.array_equal(plain, images)  # SAG changed the samples
-    image_sample = load_script("image_sample")
+    image_sample = script_module("image_sample")
     monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "direct"))
     direct = image_sample.main(["--num_samples", "5", "--seed", "3", "--guide_scale", "1.0",
                                 "--model_path", str(tmp_path / "tiny.pt")])
@@ -107,7 +107,7 @@ def test_demo_pipeline_on_tiny_checkpoint(tmp_path, capsys, monkeypatch):
 
 
 def test_demo_passes_flags_on_and_adds_pictures():
-    demo = load_script("demo")
+    demo = script_module("demo")
     args = type("A", (), dict(num_samples=256, seed=0))()
     argv = demo.sample_argv(args, ["--guide_scale", "1.0"], {"save_attention_masks"})
     assert argv[:4] == ["--num_samples", "256", "--seed", "0"]
@@ -123,7 +123,7 @@ def test_demo_passes_flags_on_and_adds_pictures():
 def test_default_model_card_gives_sag_sampling_without_flags():
     from improved_diffusion.cli import parse_args_with_card
 
-    image_sample = load_script("image_sample")
+    image_sample = script_module("image_sample")
     args = image_sample.create_argparser()
     args = parse_args_with_card(args, [])
     assert os.path.samefile(args.model_path, DEFAULT_MODEL)
@@ -157,7 +157,7 @@ def test_default_classifier_card_builds_it():
 
 
 def test_demo_out_dir_is_emptied_only_when_it_is_an_earlier_run(tmp_path):
-    demo = load_script("demo")
+    demo = script_module("demo")
     earlier = tmp_path / "earlier"
     (earlier / "shards").mkdir(parents=True)
     (earlier / "config.json").write_text("{}")
@@ -173,7 +173,7 @@ def test_demo_out_dir_is_emptied_only_when_it_is_an_earlier_run(tmp_path):
 
 
 def test_pick_threads(monkeypatch):
-    demo = load_script("demo")
+    demo = script_module("demo")
     assert demo.pick_threads(3) == 3
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0, 0))

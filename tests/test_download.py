@@ -10,10 +10,9 @@ import threading
 import pytest
 
 from conftest import ROOT, env_for
-from improved_diffusion.published_checkpoints import PUBLISHED_CHECKPOINTS, checkpoint_url
+from improved_diffusion.checkpoints.published import PUBLISHED_CHECKPOINTS, checkpoint_url
 
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import download_models  # noqa: E402
+from scripts import download_models
 
 
 class Server:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_script
-from improved_diffusion.fashion_mnist import (
+from conftest import script_module
+from evaluations.fashion_mnist import (
     CLASS_NAMES,
     FashionMNISTMissingError,
     load_fashion_mnist,
@@ -24,8 +24,8 @@ CONVERTER = os.path.join(ROOT, "scripts", "fashion_mnist_to_images.py")
 METRICS = os.path.join(ROOT, "evaluations", "fashion_metrics.py")
 
 
-conv = load_script("fashion_mnist_to_images")
-fm = load_script("fashion_metrics", "evaluations")
+conv = script_module("fashion_mnist_to_images")
+fm = script_module("fashion_metrics", "evaluations")
 
 
 def _write_idx(path, arr, gz):
@@ -257,7 +257,7 @@ def test_cli_score(tmp_path):
 
 def test_noisy_classifier_accuracy(tmp_path):
     """The guidance classifier's accuracy on diffused test images, against a direct computation."""
-    from improved_diffusion.checkpoints import classifier_from_card
+    from improved_diffusion.checkpoints.loading import classifier_from_card
 
     src = str(tmp_path / "src")
     data = _fake_dataset(src, gz=True, n_test=12)

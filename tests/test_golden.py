@@ -56,7 +56,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from conftest import ROOT, env_for, load_script
+from conftest import ROOT, env_for, script_module
 
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 with open(os.path.join(GOLDEN, "cases.json")) as f:
@@ -126,12 +126,13 @@ def draw_with_key_mass(name, perturb_seed=None, float64=False, extra=()):
     ulp; signs drawn from this seed) after loading. float64: run the model and
     the sampler in float64 (needs in_float64()); the SAG map stays float32.
     """
-    from improved_diffusion import cli, sampling
-    from improved_diffusion.checkpoints import model_from_args
-    from improved_diffusion.sag import SelfAttentionGuidance
+    from improved_diffusion import cli
+    from improved_diffusion.sampling import drawer
+    from improved_diffusion.checkpoints.loading import model_from_args
+    from improved_diffusion.guidance.sag import SelfAttentionGuidance
 
     argv = case_command(CASES[name], extra)[2:]
-    args = cli.parse_sample_args(load_script("image_sample").create_argparser(), argv)
+    args = cli.parse_sample_args(script_module("image_sample").create_argparser(), argv)
     model, diffusion = model_from_args(args)
     if perturb_seed is not None:
         gen = th.Generator().manual_seed(perturb_seed)
@@ -151,7 +152,7 @@ def draw_with_key_mass(name, perturb_seed=None, float64=False, extra=()):
 
     sag.mask = recording_mask
     size = args.image_size
-    draw = sampling.make_drawer(args, model, diffusion, sag)
+    draw = drawer.make_drawer(args, model, diffusion, sag)
     assert draw.image_shape == (3, size, size)
     images, _ = draw(list(range(args.num_samples)))
     return images, (th.stack(masses) if masses else None)
@@ -165,7 +166,8 @@ def in_float64(monkeypatch):
     then cast). The SAG map keeps q and k cast to float32 and its softmax in
     float32, as the published code builds it.
     """
-    from improved_diffusion import nn as id_nn, random_util, unet
+    from improved_diffusion import nn as id_nn, unet
+    from improved_diffusion.sampling import random_util
 
     monkeypatch.setattr(id_nn.GroupNorm32, "forward", th.nn.GroupNorm.forward)
     embed = unet.timestep_embedding
@@ -228,19 +230,20 @@ def test_solver_cases_cover_orders_steps_and_guidance():
 
 def draw_case_in_process(name):
     """A case drawn in this process through the package: (final float samples, labels)."""
-    from improved_diffusion import cli, sampling
-    from improved_diffusion.checkpoints import classifier_from_args, model_from_args
-    from improved_diffusion.sag import SelfAttentionGuidance
+    from improved_diffusion import cli
+    from improved_diffusion.sampling import drawer
+    from improved_diffusion.checkpoints.loading import classifier_from_args, model_from_args
+    from improved_diffusion.guidance.sag import SelfAttentionGuidance
 
     case = ALL_CASES[name]
     script = case.get("script", "image_sample.py")[: -len(".py")]
     argv = case_command(case)[2:]
-    args = cli.parse_sample_args(load_script(script).create_argparser(), argv)
+    args = cli.parse_sample_args(script_module(script).create_argparser(), argv)
     model, diffusion = model_from_args(args)
     sag = SelfAttentionGuidance.from_args(model, args)
     guided = getattr(args, "classifier_guidance", False)
     classifier = classifier_from_args(args) if guided else None
-    draw = sampling.make_drawer(args, model, diffusion, sag, classifier,
+    draw = drawer.make_drawer(args, model, diffusion, sag, classifier,
                                 labels_always=script == "classifier_sample")
     steps = []
     _, labels = draw(list(range(args.num_samples)), lambda index, step: steps.append(step["sample"]))

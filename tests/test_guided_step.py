@@ -14,9 +14,9 @@ import pytest
 import scipy.ndimage
 import torch as th
 
-from improved_diffusion.dpm_solver import DiscreteVPSchedule
-from improved_diffusion.guided_denoiser import DiffusionTimes, GuidedDenoiser
-from improved_diffusion.samplers import SolverTimes
+from improved_diffusion.sampling.dpm_solver import DiscreteVPSchedule
+from improved_diffusion.guidance.denoiser import DiffusionTimes, GuidedDenoiser
+from improved_diffusion.sampling.samplers import SolverTimes
 from improved_diffusion.script_util import create_gaussian_diffusion
 
 SCALE, SIGMA, CG_SCALE = 1.7, 2.0, 0.4

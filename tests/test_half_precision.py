@@ -7,7 +7,7 @@ import torch as th
 
 from conftest import draw, tiny_model
 from improved_diffusion import script_util
-from improved_diffusion.sag import SelfAttentionGuidance
+from improved_diffusion.guidance.sag import SelfAttentionGuidance
 from improved_diffusion.script_util import half_dtype_for, prepare_model_for_sampling
 
 

@@ -7,8 +7,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from improved_diffusion.file_util import atomic_json, atomic_write, sha256_file
-from improved_diffusion.npz_io import TruncatedMember, iter_npz_rows, npz_array, save_npz
+from improved_diffusion.files.atomic import atomic_json, atomic_write, sha256_file
+from improved_diffusion.files.npz import TruncatedMember, iter_npz_rows, npz_array, save_npz
 
 
 def test_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path):

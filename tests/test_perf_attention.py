@@ -4,10 +4,11 @@ import pytest
 import torch as th
 
 from conftest import tiny_model
-from improved_diffusion import sag_ops, unet
-from improved_diffusion.attention_capture import AttentionCapture
-from improved_diffusion.guided_denoiser import DiffusionTimes, GuidedDenoiser
-from improved_diffusion.sag import SelfAttentionGuidance
+from improved_diffusion import unet
+from improved_diffusion.guidance import sag_ops
+from improved_diffusion.guidance.attention_capture import AttentionCapture
+from improved_diffusion.guidance.denoiser import DiffusionTimes, GuidedDenoiser
+from improved_diffusion.guidance.sag import SelfAttentionGuidance
 from improved_diffusion.script_util import prepare_model_for_sampling
 from sag_reference import attention_mask, attention_weights
 from improved_diffusion.unet import (

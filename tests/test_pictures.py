@@ -3,7 +3,7 @@ with a caption per column and the step in a title line."""
 
 import numpy as np
 
-from improved_diffusion.image_grid import TEXT_HEIGHT, class_rows, sag_figure
+from improved_diffusion.run.pictures import TEXT_HEIGHT, class_rows, sag_figure
 
 
 def test_class_rows_puts_each_class_on_its_own_row_with_its_name():

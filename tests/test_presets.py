@@ -11,9 +11,9 @@ import subprocess
 import pytest
 import torch as th
 
-from conftest import ROOT, load_script
-from improved_diffusion.published_checkpoints import PUBLISHED_CHECKPOINTS
-from improved_diffusion.sag import SelfAttentionGuidance
+from conftest import ROOT, script_module
+from improved_diffusion.checkpoints.published import PUBLISHED_CHECKPOINTS
+from improved_diffusion.guidance.sag import SelfAttentionGuidance
 from improved_diffusion.cli import validate_sample_args
 from improved_diffusion.script_util import (
     args_to_dict,
@@ -98,7 +98,7 @@ def test_preset_flags_build_the_published_model(path):
     name = os.path.basename(path)[:-3]
     v = source(path)
     assert v["MODEL_PATH"] == f"models/{name}.pt"
-    script = load_script(os.path.basename(v["SCRIPT"])[:-len(".py")])
+    script = script_module(os.path.basename(v["SCRIPT"])[:-len(".py")])
     argv = shlex.split(f"{v['SAG_FLAGS']} {v['MODEL_FLAGS']} {v.get('CLASSIFIER_FLAGS', '')} "
                        f"--model_path {v['MODEL_PATH']} {v['SAMPLE_FLAGS']}")
     if "BASE_SAMPLES" in v:
@@ -143,7 +143,7 @@ def test_default_model_flags_agree_everywhere():
     (--norm_groups changes no parameter shape), so a copy that drifts would
     load the weights into another network without an error.
     """
-    from improved_diffusion.model_card import SAMPLING_CHOICES, read_model_card
+    from improved_diffusion.checkpoints.model_card import SAMPLING_CHOICES, read_model_card
     from improved_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
     defaults = model_and_diffusion_defaults()

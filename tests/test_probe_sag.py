@@ -7,12 +7,12 @@ import re
 
 import torch as th
 
-from conftest import load_script, probe_inputs, tiny_model
-from improved_diffusion.guided_denoiser import DiffusionTimes, GuidedDenoiser
-from improved_diffusion.sag import SelfAttentionGuidance
+from conftest import script_module, probe_inputs, tiny_model
+from improved_diffusion.guidance.denoiser import DiffusionTimes, GuidedDenoiser
+from improved_diffusion.guidance.sag import SelfAttentionGuidance
 
 
-probe = load_script("probe_sag")
+probe = script_module("probe_sag")
 
 
 def test_guided_xstart_is_x0_less_scale_minus_one_times_what_the_second_pass_adds():

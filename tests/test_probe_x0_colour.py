@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch as th
 
-from conftest import load_script, probe_inputs, tiny_flags, tiny_model
-from improved_diffusion.checkpoints import model_from_card
+from conftest import script_module, probe_inputs, tiny_flags, tiny_model
+from improved_diffusion.checkpoints.loading import model_from_card
 from improved_diffusion.cli import UsageError
-from improved_diffusion.model_card import write_model_card
+from improved_diffusion.checkpoints.model_card import write_model_card
 
 
-probe = load_script("probe_x0_colour")
+probe = script_module("probe_x0_colour")
 
 
 def test_colour_of_mean_is_the_channel_means_less_their_average():

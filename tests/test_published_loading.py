@@ -25,8 +25,8 @@ import sys
 import pytest
 import torch as th
 
-from conftest import ROOT, load_script
-from improved_diffusion.checkpoints import (
+from conftest import ROOT, script_module
+from improved_diffusion.checkpoints.loading import (
     check_state_dict,
     classifier_from_args,
     model_from_args,
@@ -166,7 +166,7 @@ NOT_LAYOUT = {"use_fp16", "dropout"}
 def test_preset_flags_match_the_manifest(path):
     name = os.path.basename(path)[:-3]
     v = test_presets.source(path)
-    script = load_script(os.path.basename(v["SCRIPT"])[:-len(".py")])
+    script = script_module(os.path.basename(v["SCRIPT"])[:-len(".py")])
     preset = vars(script.create_argparser().parse_args(shlex.split(
         f"{v['MODEL_FLAGS']} {v.get('CLASSIFIER_FLAGS', '')} {v['SAG_FLAGS']}")))
     checked = []

@@ -4,8 +4,8 @@ import pytest
 import torch as th
 
 from conftest import draw, tiny_model
-from improved_diffusion.random_util import BatchGenerator
-from improved_diffusion.sag import SelfAttentionGuidance
+from improved_diffusion.sampling.random_util import BatchGenerator
+from improved_diffusion.guidance.sag import SelfAttentionGuidance
 
 
 def _calls(gen):

@@ -15,30 +15,25 @@ depend only on seed + position: docs/sag.md).
 import json
 import os
 import resource
-import shlex
 import shutil
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from conftest import (
-    MPIEXEC,
-    ROOT,
     TINY,
-    env_for,
+    die_while_writing,
     error_lines,
     load_npz,
-    load_script,
     needs_mpi,
     npz_files,
     run_in_process,
     run_script,
+    script_module,
 )
 
-IMAGE_SAMPLE = load_script("image_sample")
+IMAGE_SAMPLE = script_module("image_sample")
 FLAGS = TINY + " --class_cond True --num_classes 10 --timestep_respacing 2 --seed 3 --batch_size 2"
 NPZ = "samples_6x16x16x3.npz"  # --num_samples 6: shards [0, 2), [2, 4), [4, 6)
 
@@ -58,18 +53,9 @@ def uninterrupted(flags, tmp_path_factory):
     return out
 
 
-def die_while_writing(how, flags, logdir, ranks=None):
-    """tests/die_while_writing.py: the script SIGKILLed half-way through a file."""
-    cmd = [sys.executable, os.path.join(ROOT, "tests", "die_while_writing.py")] + how.split()
-    cmd += [os.path.join(ROOT, "scripts", "image_sample.py")] + shlex.split(flags)
-    if ranks:
-        cmd = [MPIEXEC, "-n", str(ranks)] + cmd
-    return subprocess.run(cmd, capture_output=True, text=True, env=env_for(logdir), timeout=240)
-
-
 def killed(how, flags, out):
     """The log directory `out` of one process killed by die_while_writing `how`."""
-    res = die_while_writing(how, flags, out)
+    res = die_while_writing(how, "image_sample", flags, out)
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     return out
 
@@ -175,7 +161,7 @@ def test_shard_damaged_while_running_stops_with_one_line(killed_in_shard, uninte
                                                         tmp_path, capsys, monkeypatch):
     """A shard that goes bad after the start-up check (a disk fault mid-run; here the
     check is switched off): one line, no npz, no partial; the next run resamples it."""
-    from improved_diffusion import shards
+    from improved_diffusion.run import shards
 
     out = copy_of(killed_in_shard, tmp_path)
     damaged = out / "shards" / f"shard_{digest_of(out)}_000000004-000000006.npz"
@@ -373,7 +359,7 @@ def test_two_ranks_killed_then_one_rank_resumes(flags, uninterrupted, tmp_path, 
     """mpiexec -n 2: each rank dies half-way through its second shard (rank 1 has
     only one, [2, 4): it may or may not finish it before mpiexec takes it down)."""
     out = tmp_path / "run"
-    res = die_while_writing("shard 1", flags, out, ranks=2)
+    res = die_while_writing("shard 1", "image_sample", flags, out, ranks=2)
     assert res.returncode != 0 and not npz_files(out), res.stderr[-3000:]
     assert shard_names(out)[0].endswith("_000000000-000000002.npz")
     assert any(n.endswith(".tmp") for n in os.listdir(out / "shards"))

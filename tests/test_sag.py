@@ -8,11 +8,11 @@ import pytest
 import torch as th
 
 from conftest import ROOT, draw, tiny_model
-from improved_diffusion.attention_capture import AttentionCapture
-from improved_diffusion.guided_denoiser import DiffusionTimes, GuidedDenoiser
-from improved_diffusion.sag import SAGConfigError, SelfAttentionGuidance
-from improved_diffusion.samplers import Sampler
-from improved_diffusion.sampling import BatchDrawer
+from improved_diffusion.guidance.attention_capture import AttentionCapture
+from improved_diffusion.guidance.denoiser import DiffusionTimes, GuidedDenoiser
+from improved_diffusion.guidance.sag import SAGConfigError, SelfAttentionGuidance
+from improved_diffusion.sampling.samplers import Sampler
+from improved_diffusion.sampling.drawer import BatchDrawer
 
 
 def _run(model, t=None):

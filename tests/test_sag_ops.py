@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from improved_diffusion import sag_ops
+from improved_diffusion.guidance import sag_ops
 from sag_reference import attention_mask
 
 

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -17,15 +18,18 @@ import pytest
 import torch as th
 
 from conftest import (
-    load_script,
+    script_module,
     MPIEXEC,
     ROOT,
     env_for,
-    kill_when,
+    die_while_writing,
     needs_mpiexec,
     random_state_dict,
     tiny_model,
 )
+from evaluations.sweep_scores import NO_SCORER, dataset_of
+from improved_diffusion.checkpoints.model_card import write_model_card
+from improved_diffusion.run.sweep_grid import setting_args, settings_of
 from evaluations.evaluator import compute_statistics, frechet_distance
 from evaluations.paired_stats import (
     FrechetReference,
@@ -117,52 +121,59 @@ def test_grid_end_to_end(sweep):
         assert "pip install -e '.[plot]'" in res.stdout
 
 
-def test_fid_is_the_evaluators(sweep, files):
-    """The sweep's FID (computed without sqrtm) against the evaluator's on the same activations."""
+def closed_form_fid(acts, ref):
+    """
+    FID of activations `acts` [n x d] against `ref` written out in numpy
+    (float64): the Frechet distance of a rank-n covariance, with
+    tr sqrt(S S_r) from the eigenvalues of the n x n matrix Fc S_r Fc^T / (n - 1).
+    """
+    mu_r, sigma_r = ref.mean(0), np.cov(ref, rowvar=False)
+    centred = acts - acts.mean(0)
+    gram = centred @ sigma_r @ centred.T / (len(acts) - 1)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0, None)).sum()
+    return float(((acts.mean(0) - mu_r) ** 2).sum() + (centred**2).sum() / (len(acts) - 1)
+                 + np.trace(sigma_r) - 2 * cross)
+
+
+def inception_activations(files, *paths):
+    """The evaluator's pool activations (float64) of npz files, with the sweep's Inception weights."""
     from evaluations import evaluator
     from evaluations.fid_inception import load_fid_inception
 
-    out, _ = sweep
     ev = evaluator.Evaluator(load_fid_inception(files["inception"]), progress=False)
-    ref = ev.read_activations(evaluator.NpzBatch(files["ref16"]))[0]
-    acts = ev.read_activations(evaluator.NpzBatch(setting_npz(out, SETTINGS[1])))[0]
-    expected = frechet_distance(*compute_statistics(acts), *compute_statistics(ref), quiet=True)
+    return [ev.read_activations(evaluator.NpzBatch(p))[0].astype(np.float64) for p in paths]
+
+
+def test_fid_is_the_evaluators(sweep, files):
+    """
+    The sweep's FID on the evaluator's activations of the npz, against the
+    closed form above (test_frechet_to_reference_is_the_evaluators ties the
+    sweep's Frechet distance to the evaluator's sqrtm on smaller features).
+    """
+    out, _ = sweep
+    ref, acts = inception_activations(files, files["ref16"], setting_npz(out, SETTINGS[1]))
     got = json.load(open(out / "sweep.json"))["rows"][1]["fid"]
-    assert got == pytest.approx(expected, rel=1e-6)
+    assert got == pytest.approx(closed_form_fid(acts, ref), rel=1e-5)
 
 
 def test_difference_and_interval_recomputed_from_the_npz_files(sweep, files):
     """
-    diff_fid from the two settings' npz files with the evaluator's FID
-    (scipy's sqrtm), and its interval from the same 50 resamples of positions
-    (seed 0) with FID written out here in numpy (the Frechet distance of a
-    rank-n covariance, tr sqrt(S S_r) from the n x n matrix Fc S_r Fc^T) and
-    numpy's percentiles.
+    diff_fid from the two settings' npz files, and its interval from the
+    same 50 resamples of positions (seed 0), with FID in closed form
+    (closed_form_fid) and numpy's percentiles.
     """
-    from evaluations import evaluator
-    from evaluations.fid_inception import load_fid_inception
     from evaluations.paired_stats import bootstrap_resamples
 
     out, _ = sweep
-    ev = evaluator.Evaluator(load_fid_inception(files["inception"]), progress=False)
-    ref = ev.read_activations(evaluator.NpzBatch(files["ref16"]))[0].astype(np.float64)
-    base, sag = (ev.read_activations(evaluator.NpzBatch(setting_npz(out, name)))[0].astype(np.float64)
-                 for name in (SETTINGS[0], SETTINGS[1]))
-    mu_r, sigma_r = ref.mean(0), np.cov(ref, rowvar=False)
+    ref, base, sag = inception_activations(files, files["ref16"], setting_npz(out, SETTINGS[0]),
+                                           setting_npz(out, SETTINGS[1]))
 
     def fid(acts):
-        centred = acts - acts.mean(0)
-        gram = centred @ sigma_r @ centred.T / (len(acts) - 1)
-        cross = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0, None)).sum()
-        return float(((acts.mean(0) - mu_r) ** 2).sum() + (centred**2).sum() / (len(acts) - 1)
-                     + np.trace(sigma_r) - 2 * cross)
+        return closed_form_fid(acts, ref)
 
     row = json.load(open(out / "sweep.json"))["rows"][1]
     assert row["setting"] == SETTINGS[1]
-    by_sqrtm = (frechet_distance(*compute_statistics(sag), mu_r, sigma_r, quiet=True)
-                - frechet_distance(*compute_statistics(base), mu_r, sigma_r, quiet=True))
-    assert row["diff_fid"] == pytest.approx(by_sqrtm, rel=1e-4, abs=1e-2)
-    assert fid(sag) - fid(base) == pytest.approx(by_sqrtm, rel=1e-4, abs=1e-2)
+    assert row["diff_fid"] == pytest.approx(fid(sag) - fid(base), rel=1e-4, abs=1e-2)
     diffs = [fid(sag[idx]) - fid(base[idx]) for idx in bootstrap_resamples(4, 50, seed=0)]
     low, high = np.percentile(diffs, 2.5), np.percentile(diffs, 97.5)
     assert low < high
@@ -234,21 +245,23 @@ def test_sampler_grid_parts_nfe_and_reference(files, tmp_path):
 def test_killed_sweep_resumes_without_redrawing(files, tmp_path):
     flags = f"{TINY} --model_path {files['model']} --num_samples 6 --grid '{GRID}' --bootstrap 0"
     out = tmp_path / "killed"
-    first_done = os.path.join(str(out), "settings", SETTINGS[0], "config.json")
-    # Killed as soon as the first setting is finished.
-    returncode = kill_when([sys.executable, SWEEP] + shlex.split(flags), env_for(out),
-                           lambda: os.path.exists(first_done))
-    assert returncode != 0, "the sweep finished before it was killed"
-    assert os.path.exists(first_done)
+    # 3 batches of 2 per setting: the first setting finishes (3 shards, then
+    # its npz), the second writes 1 shard and dies half-way through its second.
+    res = die_while_writing("shard 4", "sag_sweep", flags, out)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    assert os.path.exists(os.path.join(str(out), "settings", SETTINGS[0], "config.json"))
+    second = out / "settings" / SETTINGS[1] / "shards"
+    assert len([n for n in os.listdir(second) if n.startswith("shard_")]) == 1
+    assert not (out / "settings" / SETTINGS[2]).exists()
     assert not (out / "sweep.csv").exists()
     res = run(SWEEP, flags, out)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert f"setting 1/3: {SETTINGS[0]}: already complete, not redrawn" in lines
     assert sum(line.endswith(": sampled") for line in lines) == 2
-    # Only the positions the killed run had not sampled were drawn now.
-    assert sum(line.startswith("sampled positions") for line in lines) <= 6
-    assert sum(line.startswith("sampled positions") for line in lines) >= 1
+    assert "resuming: 2 of 6 positions are already in shards; sampling the other 4" in lines
+    # Only the batches the killed run had not finished were drawn now: 2 + 3.
+    assert sum(line.startswith("sampled positions") for line in lines) == 5
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [r["setting"] for r in rows] == SETTINGS
     # A third run draws nothing.
@@ -259,18 +272,18 @@ def test_killed_sweep_resumes_without_redrawing(files, tmp_path):
 
 
 def test_baseline_keeps_the_fixed_sag_flags():
-    sweep = load_script("sag_sweep")
+    sweep = script_module("sag_sweep")
     fixed = sweep.parse_args(shlex.split(f"{TINY} --grid x"))[0]
     grid = [("guide_scale", [1.0, 2.0]), ("blur_sigma", [1.0, 3.0]), ("sel_attn_depth", [1, 0])]
-    settings, _ = sweep.settings_of(grid, fixed)
+    settings, _ = settings_of(grid, fixed)
     base = [s for s in settings if s["baseline"]]
     assert [s["name"] for s in base] == ["guide_scale=1.0"]
-    args = sweep.setting_args(fixed, base[0])
+    args = setting_args(fixed, base[0])
     assert (args.guide_scale, args.blur_sigma, args.sel_attn_depth) == (1.0, 3.0, 0)  # TINY's
-    guided = sweep.setting_args(fixed, settings[-1])
+    guided = setting_args(fixed, settings[-1])
     assert (guided.guide_scale, guided.blur_sigma, guided.sel_attn_depth) == (2.0, 3.0, 0)
-    assert (sweep.setting_args(fixed, settings[1]).blur_sigma,
-            sweep.setting_args(fixed, settings[1]).sel_attn_depth) == (1.0, 1)
+    assert (setting_args(fixed, settings[1]).blur_sigma,
+            setting_args(fixed, settings[1]).sel_attn_depth) == (1.0, 1)
 
 
 def test_a_wider_grid_resumes_the_settings_it_shares(files, tmp_path):
@@ -392,7 +405,7 @@ ROWS = [
 
 
 def test_plot_lines_start_at_the_baseline_with_intervals_around_its_value():
-    sweep = load_script("sag_sweep")
+    sweep = script_module("sag_sweep")
     assert sweep.plot_lines(ROWS, "fid") == {
         "blur_sigma=1.0": [(1.0, 10.0, 10.0, 10.0), (1.5, 9.0, None, None), (2.0, 8.0, 6.5, 9.5)],
         "blur_sigma=3.0": [(0.5, 12.0, 11.0, 14.0), (1.0, 10.0, 10.0, 10.0)],
@@ -404,7 +417,7 @@ def test_plot_lines_start_at_the_baseline_with_intervals_around_its_value():
 
 def test_plot_written(tmp_path):
     pytest.importorskip("matplotlib")
-    sweep = load_script("sag_sweep")
+    sweep = script_module("sag_sweep")
     line = sweep.plot(ROWS, str(tmp_path / "sweep.png"))
     assert line == f"wrote {tmp_path / 'sweep.png'}"
     with open(tmp_path / "sweep.png", "rb") as f:
@@ -421,7 +434,7 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
             raise ImportError("No module named 'matplotlib'")
         return real_import(name, *args, **kwargs)
 
-    sweep = load_script("sag_sweep")
+    sweep = script_module("sag_sweep")
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     line = sweep.plot(ROWS, str(tmp_path / "sweep.png"))
     assert line == "sweep.png not written: matplotlib is not installed (pip install -e '.[plot]')"
@@ -466,3 +479,50 @@ def test_bad_input_one_line(files, tmp_path, grid, extra, message):
     assert errors[0].startswith("error: " + message.format(**files)), errors[0]
     assert "sampled positions" not in res.stdout
     assert not out.exists() or not os.listdir(out)
+
+
+# ---------------------------------------------------------------------------
+# The scorer comes from a flag or the model card, never from the shape
+# ---------------------------------------------------------------------------
+
+CIFAR_LIKE = TINY.replace("--image_size 16", "--image_size 32").replace(
+    "--attention_resolutions 8", "--attention_resolutions 16")
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory):
+    """A 32x32, 10-class model (CIFAR-10's shape) with no model card."""
+    d = tmp_path_factory.mktemp("cifar_like")
+    model, _ = tiny_model(class_cond=True, num_classes=10, image_size=32, attention_resolutions="16")
+    th.save(model.state_dict(), d / "cifar.pt")
+    return str(d / "cifar.pt")
+
+
+def test_a_32x32_10_class_model_without_a_card_gets_no_fashion_scores(cifar_like, tmp_path):
+    res = run(SWEEP, f"{CIFAR_LIKE} --model_path {cifar_like} --num_samples 2 "
+                     "--grid guide_scale=1.0,2.0 --bootstrap 0", tmp_path / "out")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert NO_SCORER in res.stdout.splitlines()
+    rows = json.load(open(tmp_path / "out" / "sweep.json"))["rows"]
+    assert len(rows) == 2
+    for row in rows:
+        assert not {"accuracy", "fashion_fid", "fid"} & set(row), row
+    # Asked for by name, the Fashion-MNIST scorer does score it.
+    res = run(SWEEP, f"{CIFAR_LIKE} --model_path {cifar_like} --num_samples 2 "
+                     "--grid guide_scale=1.0,2.0 --bootstrap 0 --dataset fashion_mnist", tmp_path / "out")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert NO_SCORER not in res.stdout
+    assert "already complete, not redrawn" in res.stdout
+    rows = json.load(open(tmp_path / "out" / "sweep.json"))["rows"]
+    assert all({"accuracy", "fashion_fid"} <= set(row) for row in rows), rows
+
+
+def test_the_dataset_scorer_from_the_model_card(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    assert dataset_of("", str(ckpt)) is None  # no card
+    write_model_card(str(ckpt), {"image_size": 32, "num_classes": 10})
+    assert dataset_of("", str(ckpt)) is None  # a card that names no dataset
+    write_model_card(str(ckpt), {"image_size": 32}, dataset="fashion_mnist")
+    assert dataset_of("", str(ckpt)) == "fashion_mnist"
+    assert dataset_of("none", str(ckpt)) is None
+    assert dataset_of("", os.path.join(ROOT, "models", "fashion32_ema.pt")) == "fashion_mnist"

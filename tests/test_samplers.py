@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 import torch as th
 
-from conftest import TINY, load_npz, load_script, needs_mpi, npz_files, run_script, tiny_model
-from improved_diffusion import cli, sampling
-from improved_diffusion.dpm_solver import DiscreteVPSchedule, interpolate, step_orders
+from conftest import TINY, load_npz, script_module, needs_mpi, npz_files, run_script, tiny_model
+from improved_diffusion import cli
+from improved_diffusion.sampling import drawer
+from improved_diffusion.sampling.dpm_solver import DiscreteVPSchedule, interpolate, step_orders
 from improved_diffusion.gaussian_diffusion import get_named_beta_schedule
-from improved_diffusion.guided_denoiser import GuidedDenoiser
-from improved_diffusion.random_util import BatchGenerator
-from improved_diffusion.sag import SelfAttentionGuidance
-from improved_diffusion.samplers import Sampler, SolverTimes
+from improved_diffusion.guidance.denoiser import GuidedDenoiser
+from improved_diffusion.sampling.random_util import BatchGenerator
+from improved_diffusion.guidance.sag import SelfAttentionGuidance
+from improved_diffusion.sampling.samplers import Sampler, SolverTimes
 
-image_sample = load_script("image_sample")
+image_sample = script_module("image_sample")
 
 
 def test_interpolate_inside_matches_numpy_and_extends_the_outer_pieces():
@@ -160,9 +161,9 @@ def test_sampler_from_flags_and_the_log_says_respacing_does_not_apply():
     assert Sampler.from_args(_args(""), diffusion).name == "ddpm"
     assert Sampler.from_args(_args("--use_ddim True --eta 0.5"), diffusion).eta == 0.5
     args = _args("--sampler dpmsolver++ --solver_steps 7 --solver_order 3 --timestep_respacing 4")
-    draw = sampling.make_drawer(args, model, diffusion, None)
+    draw = drawer.make_drawer(args, model, diffusion, None)
     assert (draw.sampler.name, draw.sampler.steps, draw.sampler.order) == ("dpmsolver++", 7, 3)
-    lines = sampling.describe_setup(args, model, draw)
+    lines = drawer.describe_setup(args, model, draw)
     assert "DPM-Solver++ 3M, 7 steps (time_uniform) over the full 1000-step schedule" in lines[1]
     assert "--timestep_respacing 4 does not apply to dpmsolver++" in lines[2]
     assert sorted(draw.sampler.model_timesteps()) == list(range(7))

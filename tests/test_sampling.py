@@ -24,19 +24,19 @@ import torch as th
 from conftest import (
     ROOT,
     TINY,
+    die_while_writing,
     env_for,
     error_lines,
     load_npz,
-    load_script,
+    script_module,
     needs_mpi,
     npz_files,
     reserved_port,
     run_in_process,
     run_script,
-    run_until_shards_then_kill,
     tiny_model,
 )
-from improved_diffusion.shards import read_shard_flags
+from improved_diffusion.run.shards import read_shard_flags
 
 
 @pytest.fixture(autouse=True)
@@ -122,27 +122,32 @@ def test_mpi_two_ranks_same_npz_exact_count_distinct(reference, mpi_full):
 def test_mpi_killed_run_resumes_to_same_npz(ckpts, mpi_full, tmp_path):
     flags = f"{RUN_FLAGS} --model_path {ckpts['cond']} --batch_size 2"
     out = tmp_path / "crash"
-    # The job is SIGKILLed from outside once the ranks have written 6 of the 8 shards.
-    code, held = run_until_shards_then_kill("image_sample.py", flags, out, ranks=2, shards=6)
-    assert code != 0
+    # 15 positions in 8 batches of 2 (the last of 1), dealt 0,2,4,6 to rank 0
+    # and 1,3,5,7 to rank 1. Each rank writes 3 shards; once both have, both
+    # die half-way through their fourth (SIGKILL, from inside, at that point).
+    res = die_while_writing(f"shard_together 3 {tmp_path / 'rendezvous'}", "image_sample", flags, out,
+                            ranks=2)
+    assert res.returncode != 0
     assert not npz_files(out)
     shards = sorted(os.listdir(out / "shards"))
-    assert sum(s.startswith("shard_") for s in shards) >= 6
+    held = sorted(s for s in shards if s.startswith("shard_"))
+    assert [s.split("_")[-1] for s in held] == [
+        f"{2 * b:09d}-{2 * b + 2:09d}.npz" for b in range(6)], shards
     assert not [s for s in shards if s.endswith(".npz") and not s.startswith("shard_")]
     # What the sampler wrote: plain zips of .npy members, loadable without
     # pickle; the positions they hold, labels and the run's flags.
-    for name in (s for s in shards if s.startswith("shard_")):
+    for name in held:
         path = out / "shards" / name
         with zipfile.ZipFile(path) as z:
             assert sorted(z.namelist()) == ["flags.npy", "images.npy", "labels.npy",
                                             "positions.npy"]
         with np.load(path, allow_pickle=False) as shard:
             positions = shard["positions"]
-            assert positions.dtype == np.int64 and len(positions) in (1, 2)
-            assert positions.tolist() == list(range(positions[0], positions[0] + len(positions)))
-            assert shard["images"].shape == (len(positions), 16, 16, 3)
+            assert positions.dtype == np.int64 and len(positions) == 2
+            assert positions.tolist() == list(range(positions[0], positions[0] + 2))
+            assert shard["images"].shape == (2, 16, 16, 3)
             assert shard["images"].dtype == np.uint8
-            assert shard["labels"].shape == (len(positions),)
+            assert shard["labels"].shape == (2,)
         recorded = read_shard_flags(str(path))
         assert recorded["script"] == "image_sample"
         assert recorded["seed"] == 3 and recorded["num_classes"] == 10
@@ -151,16 +156,13 @@ def test_mpi_killed_run_resumes_to_same_npz(ckpts, mpi_full, tmp_path):
 
     resumed = run_script("image_sample.py", flags, out, ranks=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # 6 or more shards (of 2 positions, the last of 1) were written when the job died.
-    resumed_from = len(held)
-    assert resumed_from >= 11, held
-    assert f"resuming: {resumed_from} of 15 positions" in resumed.stdout, resumed.stdout
+    assert "resuming: 12 of 15 positions" in resumed.stdout, resumed.stdout
     (path,) = npz_files(out)
     (full,) = npz_files(mpi_full[0])
     a, b = load_npz(full), load_npz(path)
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
     config = json.load(open(out / "config.json"))
-    assert config["session"]["positions_sampled"] == 15 - resumed_from
+    assert config["session"]["positions_sampled"] == 3
     assert not os.path.exists(out / "shards")
     # The resume sampled only what was missing: counted from the run's own
     # record (config.json above) and log, not timed.
@@ -284,7 +286,7 @@ def test_super_res_sample(tmp_path, capsys, monkeypatch):
 
 def test_guide_scale_reaches_combine_in_at_most_6_calls(ckpts, tmp_path, capsys, monkeypatch):
     """The Python stack when sag_ops.combine is entered, from the script's main down."""
-    from improved_diffusion import sag_ops
+    from improved_diffusion.guidance import sag_ops
 
     package = os.path.join(ROOT, "improved_diffusion") + os.sep
     seen = []
@@ -347,9 +349,9 @@ def test_run_logs_into_its_dir_and_gives_the_logger_back(ckpts, tmp_path, capsys
 # ---------------------------------------------------------------------------
 
 
-IMAGE_SAMPLE = load_script("image_sample")
-CLASSIFIER_SAMPLE = load_script("classifier_sample")
-SUPER_RES_SAMPLE = load_script("super_res_sample")
+IMAGE_SAMPLE = script_module("image_sample")
+CLASSIFIER_SAMPLE = script_module("classifier_sample")
+SUPER_RES_SAMPLE = script_module("super_res_sample")
 
 
 @pytest.fixture(scope="module")
@@ -439,7 +441,7 @@ def test_unwritable_log_dir(ckpts, tmp_path, capsys, monkeypatch):
 
 
 def test_flags_differ_from_shards(ckpts, tmp_path, capsys, monkeypatch):
-    from improved_diffusion import sample_run
+    from improved_diffusion.run import sample_run
 
     out = tmp_path / "out"
     flags = f"{TINY} --timestep_respacing 2 --model_path {ckpts['uncond']} --num_samples 4 --batch_size 2"

@@ -8,12 +8,12 @@ import pytest
 import torch as th
 
 from conftest import tiny_flags
-from improved_diffusion.image_grid import AttentionMaskRecorder, make_grid, save_grid
-from improved_diffusion.checkpoints import check_state_dict, load_checkpoint
+from improved_diffusion.run.pictures import AttentionMaskRecorder, make_grid, save_grid
+from improved_diffusion.checkpoints.loading import check_state_dict, load_checkpoint
 from improved_diffusion.cli import UsageError
-from improved_diffusion.npz_io import npz_array, verify_npz, write_npz_streaming
-from improved_diffusion.sampling import to_uint8
-from improved_diffusion.shards import (
+from improved_diffusion.files.npz import npz_array, verify_npz, write_npz_streaming
+from improved_diffusion.sampling.drawer import to_uint8
+from improved_diffusion.run.shards import (
     describe_difference,
     fingerprint_digest,
     merge_ranges,
@@ -198,7 +198,7 @@ def test_read_shard_flags(tmp_path):
     """The flags a shard records; {} for a missing, damaged or flag-less file.
     (The format of the shards the sampler really writes is checked on a
     killed run's shards in test_sampling.py.)"""
-    from improved_diffusion.shards import read_shard_flags
+    from improved_diffusion.run.shards import read_shard_flags
 
     path = tmp_path / "s.npz"
     np.savez(path, images=np.zeros((1, 2, 2, 3), np.uint8),

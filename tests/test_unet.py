@@ -6,7 +6,7 @@ import pytest
 import torch as th
 
 from conftest import TINY, run_script, tiny_flags
-from improved_diffusion.model_card import run_flags
+from improved_diffusion.checkpoints.model_card import run_flags
 from improved_diffusion.script_util import create_model_and_diffusion
 
 

@@ -5,7 +5,7 @@ at commit 8acf2bb9419165fec8b3ffd01621aa735be5dee3. That file is not part of
 this repo (do not copy it in); pass its path. The fixtures were made with
 
     OMP_NUM_THREADS=1 python tests/golden/make_solver_cases.py \
-        --official /tmp/official_dpm/dpm_solver_pytorch.py --out tests/golden
+        --official /tmp/official_dpm --out tests/golden
 
 Conventions (those of tiny64_dpmpp2m_* in cases.json): the float32 model, its
 float16 checkpoint loaded as float32; NoiseScheduleVP('discrete', float32
@@ -30,7 +30,7 @@ labels, when drawn), x_final (float32 NCHW, before the cast).
 (files beside it) and prints their difference from `expected`; writes nothing.
 """
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import shlex
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from improved_diffusion import sag_ops  # noqa: E402
-from improved_diffusion.sag import SelfAttentionGuidance, sag_defaults  # noqa: E402
+from improved_diffusion.guidance import sag_ops  # noqa: E402
+from improved_diffusion.guidance.sag import SelfAttentionGuidance, sag_defaults  # noqa: E402
 from improved_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser, args_to_dict, classifier_defaults, create_classifier,
     create_model_and_diffusion, model_and_diffusion_defaults)
@@ -182,16 +182,16 @@ def diff_stats(got, want):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--official", required=True, help="path to the official dpm_solver_pytorch.py")
+    p.add_argument("--official", required=True,
+                   help="the folder holding the official dpm_solver_pytorch.py (imported from there)")
     p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--check", default=None, help="a cases.json to compare against (writes nothing)")
     p.add_argument("--names", nargs="*", default=None)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    spec = importlib.util.spec_from_file_location("official_dpm_solver", a.official)
-    dpm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dpm)
+    sys.path.insert(0, os.path.abspath(a.official))
+    dpm = importlib.import_module("dpm_solver_pytorch")
     if a.check:
         folder = os.path.dirname(os.path.abspath(a.check))
         with open(a.check) as f:

@@ -5,7 +5,7 @@ guidance as one function of ``(x_t, t)`` that every sampler calls.
 A sampler hands the denoiser its own notion of time through a *times*
 object: :class:`DiffusionTimes` for the ancestral and DDIM samplers (t is
 the step index of a GaussianDiffusion, respaced or not), and
-``improved_diffusion.samplers.SolverTimes`` for DPM-Solver++ (t is
+``improved_diffusion.sampling.samplers.SolverTimes`` for DPM-Solver++ (t is
 continuous). A times object says what the network is given, how x_0 and
 the noise turn into each other at t, and how many evaluations of the run
 come after t (the SAG window, ``--guide_start``). The denoiser knows
@@ -19,7 +19,7 @@ import torch as th
 import torch.nn.functional as F
 
 from . import sag_ops
-from .gaussian_diffusion import ModelMeanType, ModelVarType, _extract_into_tensor
+from ..gaussian_diffusion import ModelMeanType, ModelVarType, _extract_into_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +132,7 @@ class GuidedDenoiser:
     :param learn_sigma: the model also outputs variance channels.
     :param predict_xstart: the model predicts x_0 instead of eps.
     :param clip_denoised: clamp x_0 predictions to [-1, 1].
-    :param sag: None or a :class:`~improved_diffusion.sag.SelfAttentionGuidance`.
+    :param sag: None or a :class:`~improved_diffusion.guidance.sag.SelfAttentionGuidance`.
     :param classifier: None or a :class:`ClassifierGuidance`.
     """
 

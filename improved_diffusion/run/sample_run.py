@@ -6,7 +6,7 @@ as a shard file; rank 0 then streams the shards, in position order, into
 the final npz. The log directory (``OPENAI_LOGDIR``, shared by all ranks)
 holds::
 
-    shards/shard_<digest>_<start>-<end>.npz   positions start..end-1 (improved_diffusion.shards)
+    shards/shard_<digest>_<start>-<end>.npz   positions start..end-1 (improved_diffusion.run.shards)
     shards/alive_<session>_<rank>.json        progress reports while running (heartbeat)
     samples_NxHxWx3.npz                       the result: arr_0 (and arr_1)
     samples_NxHxWx3.png                       a grid of the first samples
@@ -31,7 +31,7 @@ Rules (docs/sampling-runs.md tells the design):
 * **Flat memory.** A rank holds one batch; rank 0 assembles shard by shard.
 * **No hangs.** Collectives happen only at start (all ranks in step).
   While sampling, ranks report progress in small files
-  (:mod:`improved_diffusion.heartbeat`) and give up when a rank stops
+  (:mod:`improved_diffusion.run.heartbeat`) and give up when a rank stops
   reporting for half the process-group timeout
   (``IMPROVED_DIFFUSION_DIST_TIMEOUT``, default 60 s). ``mpiexec`` and
   torchrun also tear a job down when one of its processes dies.
@@ -50,15 +50,16 @@ import zipfile
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-import torch as th
 
-from . import dist_util, logger
-from .checkpoints import check_checkpoint_exists
-from .cli import UsageError, agree, on_rank0
-from .file_util import atomic_json
+from .. import dist_util, logger
+from ..checkpoints.loading import check_checkpoint_exists
+from ..cli import agree, on_rank0
+from ..errors import UsageError
+from ..files.atomic import atomic_json
 from .heartbeat import Heartbeat
-from .image_grid import save_grid
-from .npz_io import npz_array, npz_name, verify_npz, write_npz_streaming
+from .pictures import save_grid
+from .provenance import package_versions
+from ..files.npz import npz_array, npz_name, verify_npz, write_npz_streaming
 from .shards import (
     NO_SPACE,
     SHARD_DIR,
@@ -474,33 +475,3 @@ def _write_extras(run, source, seconds, sampled):
         if e.errno in NO_SPACE:
             raise UsageError(no_space_message("the pictures/config next to", path, e)) from None
         raise
-
-
-def package_versions():
-    """Versions of what made the samples, for config.json."""
-    from importlib import metadata
-
-    versions = {"python": platform.python_version(), "torch": th.__version__, "numpy": np.__version__}
-    for dist_name, key in (("improved-diffusion-sag", "improved_diffusion"), ("mpi4py", "mpi4py"),
-                           ("tqdm", "tqdm"), ("Pillow", "Pillow"), ("blobfile", "blobfile")):
-        try:
-            versions[key] = metadata.version(dist_name)
-        except metadata.PackageNotFoundError:
-            versions[key] = None
-    versions["git_commit"] = _git_commit()
-    return versions
-
-
-def _git_commit():
-    """The repository's HEAD commit (None outside a git checkout or without git)."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .file_util import atomic_write
+from ..files.atomic import atomic_write
 
 TEXT_HEIGHT = 14  # pixels of a caption line (Pillow's built-in font, no files needed)
 

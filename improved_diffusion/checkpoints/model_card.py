@@ -7,7 +7,7 @@ checkpoint with a card samples with no flags.
 import json
 import os
 
-from .file_util import atomic_json
+from ..files.atomic import atomic_json
 
 
 def model_card_path(model_path):
@@ -16,17 +16,24 @@ def model_card_path(model_path):
     return root + ".json"
 
 
-def read_model_card(model_path):
+def read_model_card_data(model_path):
     """
-    The flags a checkpoint was trained with, from its model card, or {} when
-    it has none (the published checkpoints have none: pass their flags).
+    The whole model card of a checkpoint (``flags`` and what else it records,
+    e.g. ``dataset``), or {} when it has none.
     """
     path = model_card_path(model_path)
     if not model_path or not os.path.exists(path):
         return {}
     with open(path) as f:
-        card = json.load(f)
-    return dict(card.get("flags", {}))
+        return json.load(f)
+
+
+def read_model_card(model_path):
+    """
+    The flags a checkpoint was trained with, from its model card, or {} when
+    it has none (the published checkpoints have none: pass their flags).
+    """
+    return dict(read_model_card_data(model_path).get("flags", {}))
 
 
 # Flags a training run records that sampling chooses for itself.

@@ -8,14 +8,15 @@ probably differs when they do not fit.
 import os
 import pickle
 import re
+from typing import NamedTuple
 
 import torch as th
 
-from . import dist_util
-from .cli import UsageError
+from .. import dist_util
+from ..errors import UsageError
 from .model_card import flags_with_card, run_flags
-from .published_checkpoints import PUBLISHED_CHECKPOINTS
-from .script_util import (
+from .published import PUBLISHED_CHECKPOINTS
+from ..script_util import (
     args_to_dict,
     classifier_and_diffusion_defaults,
     classifier_defaults,
@@ -133,75 +134,134 @@ def _is_resample_key(key):
     return bool(re.search(r"_blocks\.\d+\.\d+\.(op|conv)\.", key))
 
 
+class _StateDiff(NamedTuple):
+    """How a checkpoint's state dict differs from the model the flags build."""
+
+    missing: list  # keys the model has and the checkpoint lacks
+    unexpected: list  # keys the checkpoint has and the model lacks
+    shapes: dict  # keys both have, with other shapes
+    model_sd: dict
+    state: dict
+    names: dict  # the flag names of this kind of network
+    path: str
+
+
 def _guess_flag(missing, unexpected, shapes, model_sd, state, names, path=""):
-    """The flag that most probably differs, with a hint, or None."""
-    stem = os.path.splitext(os.path.basename(path))[0]
+    """
+    The flag that most probably differs, with a hint, or None: the first of
+    the checks below, in order, that recognises the difference.
+    """
+    diff = _StateDiff(missing, unexpected, shapes, model_sd, state, names, path)
+    for check in (_class_flags, _first_layer, _output_channels, _scale_shift, _classifier_head,
+                  _block_counts, _resample_kind, _attention_layers, _widths):
+        hint = check(diff)
+        if hint:
+            return hint
+    return None
+
+
+def _class_flags(d):
+    names = d.names
+    stem = os.path.splitext(os.path.basename(d.path))[0]
     uncond_hint = ""
     if f"{stem}_uncond" in PUBLISHED_CHECKPOINTS:
         uncond_hint = f"; the unconditional model is {stem}_uncond.pt"
-    if "label_emb.weight" in unexpected:
+    if "label_emb.weight" in d.unexpected:
         return f"{names['class_cond']} (the checkpoint is class-conditional: --class_cond True{uncond_hint})"
-    if "label_emb.weight" in missing:
+    if "label_emb.weight" in d.missing:
         return f"{names['class_cond']} (the checkpoint is unconditional: --class_cond False)"
-    if "label_emb.weight" in shapes:
-        n = state["label_emb.weight"].shape[0]
+    if "label_emb.weight" in d.shapes:
+        n = d.state["label_emb.weight"].shape[0]
         return f"{names['num_classes']} (the checkpoint has {n} classes)"
+    return None
+
+
+def _first_layer(d):
     first = "input_blocks.0.0.weight"
-    if first in shapes:
-        want, got = model_sd[first].shape, state[first].shape
-        if want[1] != got[1]:
-            if got[1] == 2 * want[1]:
-                return "wrong script: this is a super-resolution checkpoint, use scripts/super_res_sample.py"
-            if 2 * got[1] == want[1]:
-                return "wrong script: this is not a super-resolution checkpoint, use scripts/image_sample.py"
-        if want[0] != got[0]:
-            return f"{names['channels']} (the checkpoint's first layer has {got[0]} channels)"
+    if first not in d.shapes:
+        return None
+    want, got = d.model_sd[first].shape, d.state[first].shape
+    if want[1] != got[1]:
+        if got[1] == 2 * want[1]:
+            return "wrong script: this is a super-resolution checkpoint, use scripts/super_res_sample.py"
+        if 2 * got[1] == want[1]:
+            return "wrong script: this is not a super-resolution checkpoint, use scripts/image_sample.py"
+    if want[0] != got[0]:
+        return f"{d.names['channels']} (the checkpoint's first layer has {got[0]} channels)"
+    return None
+
+
+def _output_channels(d):
     for key in ("out.2.weight", "out.2.bias"):
-        if key in shapes:
-            want, got = model_sd[key].shape[0], state[key].shape[0]
-            if names is MODEL_FLAG_NAMES and got in (2 * want, want // 2) and min(got, want) in (1, 3):
+        if key in d.shapes:
+            want, got = d.model_sd[key].shape[0], d.state[key].shape[0]
+            if d.names is MODEL_FLAG_NAMES and got in (2 * want, want // 2) and min(got, want) in (1, 3):
                 value = "True" if got > want else "False"
                 return f"--learn_sigma (the checkpoint outputs {got} channels: --learn_sigma {value})"
-            return f"{names['head']} (the checkpoint outputs {got} values)"
-    for key in shapes:
+            return f"{d.names['head']} (the checkpoint outputs {got} values)"
+    return None
+
+
+def _scale_shift(d):
+    for key in d.shapes:
         if key.endswith("emb_layers.1.weight"):
             # FiLM (scale and shift) needs twice the block's channels from the embedding.
             conv = key.replace("emb_layers.1.weight", "out_layers.3.weight")
-            if conv in state and conv in model_sd:
-                ours = model_sd[key].shape[0] // model_sd[conv].shape[0]
-                theirs = state[key].shape[0] // state[conv].shape[0]
+            if conv in d.state and conv in d.model_sd:
+                ours = d.model_sd[key].shape[0] // d.model_sd[conv].shape[0]
+                theirs = d.state[key].shape[0] // d.state[conv].shape[0]
                 if {ours, theirs} == {1, 2}:
-                    flag = names["scale_shift"]
+                    flag = d.names["scale_shift"]
                     value = "True" if theirs == 2 else "False"
                     return f"{flag} ({flag} {value} fits the checkpoint)"
-    if names is CLASSIFIER_FLAG_NAMES and any(k.startswith("out.") for k in missing + unexpected):
-        return f"{names['head']} (the checkpoint's output head has other layers)"
-    if names is CLASSIFIER_FLAG_NAMES:
-        for key in shapes:
-            if key.startswith("out.") and key.endswith(("c_proj.weight", "c_proj.bias")):
-                return f"--num_classes (the checkpoint has {state[key].shape[0]} classes)"
-            if key.endswith("positional_embedding"):
-                return "--image_size (the classifier was trained at another resolution)"
+    return None
 
+
+def _classifier_head(d):
+    if d.names is not CLASSIFIER_FLAG_NAMES:
+        return None
+    if any(k.startswith("out.") for k in d.missing + d.unexpected):
+        return f"{d.names['head']} (the checkpoint's output head has other layers)"
+    for key in d.shapes:
+        if key.startswith("out.") and key.endswith(("c_proj.weight", "c_proj.bias")):
+            return f"--num_classes (the checkpoint has {d.state[key].shape[0]} classes)"
+        if key.endswith("positional_embedding"):
+            return "--image_size (the classifier was trained at another resolution)"
+    return None
+
+
+def _block_counts(d):
     def count(keys, part):
         idx = {int(k.split(".")[1]) for k in keys if k.startswith(part + ".")}
         return max(idx) + 1 if idx else 0
 
     for part in ("input_blocks", "output_blocks"):
-        if count(model_sd, part) != count(state, part):
+        if count(d.model_sd, part) != count(d.state, part):
             return (
-                f"{names['res_blocks']} or {names['mult']} (the checkpoint has "
-                f"{count(state, part)} {part}, these flags build {count(model_sd, part)})"
+                f"{d.names['res_blocks']} or {d.names['mult']} (the checkpoint has "
+                f"{count(d.state, part)} {part}, these flags build {count(d.model_sd, part)})"
             )
-    # Down/upsampling by a conv (.op/.conv) on one side, by a ResBlock on the other.
-    for ours, theirs, value in ((missing, unexpected, "True"), (unexpected, missing, "False")):
+    return None
+
+
+def _resample_kind(d):
+    """Down/upsampling by a conv (.op/.conv) on one side, by a ResBlock on the other."""
+    for ours, theirs, value in ((d.missing, d.unexpected, "True"), (d.unexpected, d.missing, "False")):
         resblocks = {_block_prefix(k) for k in theirs if ".in_layers." in k}
         if any(_is_resample_key(k) and _block_prefix(k) in resblocks for k in ours):
-            return f"{names['updown']} ({names['updown']} {value} fits the checkpoint)"
-    if any(_is_attention_key(k) for k in missing + unexpected):
-        return f"{names['attention']} (attention layers sit at other resolutions in the checkpoint)"
-    if shapes:
-        return f"{names['channels']} or {names['mult']} (layer widths differ)"
+            return f"{d.names['updown']} ({d.names['updown']} {value} fits the checkpoint)"
+    return None
+
+
+def _attention_layers(d):
+    if any(_is_attention_key(k) for k in d.missing + d.unexpected):
+        return f"{d.names['attention']} (attention layers sit at other resolutions in the checkpoint)"
+    return None
+
+
+def _widths(d):
+    if d.shapes:
+        return f"{d.names['channels']} or {d.names['mult']} (layer widths differ)"
     return None
 
 

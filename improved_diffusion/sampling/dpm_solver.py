@@ -9,7 +9,7 @@ code (LuChengTHU/dpm-solver, ``dpm_solver_pytorch.py`` at commit 8acf2bb:
 schedule (alpha_t, sigma_t, lambda_t and the model's time), and
 :func:`multistep_dpmpp` the solver over any data prediction ``x0(x, t)``.
 The sampler that joins them to the guided denoiser is
-``improved_diffusion.samplers.dpm_solver_pp``. docs/samplers.md explains the
+``improved_diffusion.sampling.samplers.dpm_solver_pp``. docs/samplers.md explains the
 choices (time map of cosine schedules, guidance window).
 """
 

@@ -3,14 +3,15 @@ Self-Attention Guidance (Hong et al., arXiv 2210.00939): which block to read,
 when to guide, and how strongly.
 
 :class:`SelfAttentionGuidance` is held by the guided denoiser
-(:mod:`improved_diffusion.guided_denoiser`), which runs the guided step for
-every sampler; the pure maths lives in :mod:`improved_diffusion.sag_ops`.
+(:mod:`improved_diffusion.guidance.denoiser`), which runs the guided step for
+every sampler; the pure maths lives in :mod:`improved_diffusion.guidance.sag_ops`.
 """
 
 import math
 
 from .attention_capture import AttentionCapture
 from . import sag_ops
+from ..errors import UsageError
 
 BLOCK_PARTS = ("input", "middle", "output")
 
@@ -54,6 +55,31 @@ def valid_choices(model):
     return "; ".join(parts)
 
 
+def check_sag_values(scale, blur_sigma, block=FLAG_DEFAULTS["sel_attn_block"]):
+    """
+    The checks of the SAG flags that need no model (the one place they are
+    made: the constructor and the command line both call it). Returns
+    (scale, blur_sigma) as floats; raises :class:`SAGConfigError` naming the flag.
+    """
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not math.isfinite(scale):
+        raise SAGConfigError(f"--guide_scale must be a finite number, got {scale}")
+    try:
+        blur_sigma = float(blur_sigma)
+    except (TypeError, ValueError):
+        blur_sigma = math.nan
+    if not (math.isfinite(blur_sigma) and blur_sigma > 0):
+        raise SAGConfigError(f"--blur_sigma must be a number > 0, got {blur_sigma}")
+    if block not in BLOCK_PARTS:
+        raise SAGConfigError(
+            f"--sel_attn_block must be one of {', '.join(BLOCK_PARTS)}, got {block!r}"
+        )
+    return scale, blur_sigma
+
+
 class SelfAttentionGuidance:
     """
     SAG settings bound to one model.
@@ -86,16 +112,7 @@ class SelfAttentionGuidance:
         true_attention=FLAG_DEFAULTS["sag_true_attention"],
         separable_blur=True,
     ):
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise SAGConfigError(f"--guide_scale must be a finite number, got {scale}")
-        blur_sigma = float(blur_sigma)
-        if not (math.isfinite(blur_sigma) and blur_sigma > 0):
-            raise SAGConfigError(f"--blur_sigma must be a number > 0, got {blur_sigma}")
-        if block not in BLOCK_PARTS:
-            raise SAGConfigError(
-                f"--sel_attn_block must be one of {', '.join(BLOCK_PARTS)}, got {block!r}"
-            )
+        scale, blur_sigma = check_sag_values(scale, blur_sigma, block)
         key = ("middle", 0) if block == "middle" else (block, int(depth))
         blocks = model.attention_blocks()
         if key not in blocks:
@@ -125,9 +142,8 @@ class SelfAttentionGuidance:
     def from_args(cls, model, args):
         """
         Build from parsed script flags (sag_defaults() plus num_heads); a bad
-        flag raises :class:`improved_diffusion.cli.UsageError` naming it.
+        flag raises :class:`improved_diffusion.errors.UsageError` naming it.
         """
-        from .cli import UsageError  # cli imports script_util, which imports this module
 
         try:
             return cls(

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from .file_util import atomic_json
+from ..files.atomic import atomic_json
 
 
 class Heartbeat(threading.Thread):

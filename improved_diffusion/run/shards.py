@@ -19,8 +19,8 @@ import zipfile
 
 import numpy as np
 
-from .cli import UsageError
-from .file_util import atomic_write, sha256_file
+from ..errors import UsageError
+from ..files.atomic import atomic_write, sha256_file
 
 FORMAT_VERSION = 1
 SHARD_DIR = "shards"

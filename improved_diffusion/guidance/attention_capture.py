@@ -26,7 +26,7 @@ cast to float32, as the published SAG code computes its map.
 import torch as th
 
 from . import sag_ops
-from .unet import AttentionBlock, attention_chunk_elements, iter_attention_weights
+from ..unet import AttentionBlock, attention_chunk_elements, iter_attention_weights
 
 KEEP_CHOICES = ("weights", "key_mass")
 

@@ -14,10 +14,10 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch as th
 
-from . import dist_util
-from .cli import NonFiniteSamplesError
-from .guided_denoiser import ClassifierGuidance, GuidedDenoiser
-from .image_grid import AttentionMaskRecorder
+from .. import dist_util
+from ..errors import NonFiniteSamplesError
+from ..guidance.denoiser import ClassifierGuidance, GuidedDenoiser
+from ..run.pictures import AttentionMaskRecorder
 from .random_util import BatchGenerator
 from .samplers import Sampler
 
@@ -33,8 +33,8 @@ class BatchDrawer:
     label first (when `draw_labels`), then x_T, then every step's noise (the
     ancestral and DDIM samplers; DPM-Solver++ draws none).
 
-    :param sampler: the :class:`~improved_diffusion.samplers.Sampler` of the run.
-    :param denoiser: the :class:`~improved_diffusion.guided_denoiser.GuidedDenoiser`
+    :param sampler: the :class:`~improved_diffusion.sampling.samplers.Sampler` of the run.
+    :param denoiser: the :class:`~improved_diffusion.guidance.denoiser.GuidedDenoiser`
         (the model with SAG and classifier guidance).
     :param image_shape: (C, H, W) of one sample.
     :param draw_labels: draw a label in 0..num_classes-1 per position (model kwarg ``y``).

@@ -1,6 +1,6 @@
 """
 The samplers, each one function over the guided denoiser
-(:class:`~improved_diffusion.guided_denoiser.GuidedDenoiser`): ancestral
+(:class:`~improved_diffusion.guidance.denoiser.GuidedDenoiser`): ancestral
 (DDPM), DDIM and DPM-Solver++. None of them knows about SAG; each asks the
 denoiser for its prediction at ``(x_t, t)`` and steps.
 
@@ -23,8 +23,8 @@ from typing import Any, Optional
 import torch as th
 
 from .dpm_solver import SKIP_TYPES, TIME_MAPS, DiscreteVPSchedule, multistep_dpmpp
-from .gaussian_diffusion import get_named_beta_schedule
-from .guided_denoiser import DiffusionTimes
+from ..gaussian_diffusion import get_named_beta_schedule
+from ..guidance.denoiser import DiffusionTimes
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 

@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .file_util import atomic_write
+from .atomic import atomic_write
 
 
 def npz_name(num_samples, height, width):
