@@ -25,6 +25,7 @@ from conftest import (
     die_while_writing,
     needs_mpiexec,
     random_state_dict,
+    run_in_process,
     tiny_model,
 )
 from evaluations.sweep_scores import NO_SCORER, dataset_of
@@ -468,16 +469,16 @@ SWEEPABLE = ("sweepable: guide_scale, blur_sigma, sel_attn_block, sel_attn_depth
     ("guide_scale=1.0,2.0", "--ref_batch {ref32}",
      "--ref_batch {ref32} holds 32x32 images but the samples are 16x16 (--image_size 16)"),
 ])
-def test_bad_input_one_line(files, tmp_path, grid, extra, message):
+def test_bad_input_one_line(files, tmp_path, grid, extra, message, capsys, monkeypatch):
+    """The sweep's main as its command line runs it (run_main, in this process)."""
     out = tmp_path / "out"
     flags = (f"{TINY} --model_path {files['model']} --num_samples 4 --grid '{grid}' "
              f"--inception_path {files['inception']} " + extra.format(**files))
-    res = run(SWEEP, flags, out)
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert len(errors) == 1, res.stderr[-2000:]
+    code, stderr = run_in_process(script_module("sag_sweep"), flags, out, capsys, monkeypatch)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2, stderr[-2000:]
+    assert len(errors) == 1, stderr[-2000:]
     assert errors[0].startswith("error: " + message.format(**files)), errors[0]
-    assert "sampled positions" not in res.stdout
     assert not out.exists() or not os.listdir(out)
 
 

@@ -4,7 +4,7 @@ The samplers over the guided denoiser, and DPM-Solver++'s pieces.
 Expectations come from the official DPM-Solver's rules written out here
 (its step orders, its piecewise-linear interpolation, its schedule), from
 numpy, or from counting model calls; the solver's samples themselves are
-checked against the official code's in tests/test_golden.py.
+checked against the official code's in tests/test_golden_solver.py.
 """
 
 import math
