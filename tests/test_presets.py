@@ -138,25 +138,29 @@ def test_improved_diffusion_presets_rescale_timesteps():
 
 def test_default_model_flags_agree_everywhere():
     """
-    The default model's network flags are the same in its card and both
-    fashion32 presets: checkpoints cannot tell some of them apart
-    (--norm_groups changes no parameter shape), so a copy that drifts would
-    load the weights into another network without an error.
+    The model cards are the one home of the default models' flags; the
+    fashion32 presets spell them out and must say the same thing, flag by
+    flag: the network (checkpoints cannot tell some flags apart, e.g.
+    --norm_groups changes no parameter shape, so a drifted copy would load
+    the weights into another network without an error), the SAG and sampling
+    defaults, and the noisy classifier's flags.
     """
+    import argparse
+
     from improved_diffusion.checkpoints.model_card import SAMPLING_CHOICES, read_model_card
+    from improved_diffusion.cli import sample_defaults
+    from improved_diffusion.guidance.sag import sag_defaults
     from improved_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
-    defaults = model_and_diffusion_defaults()
-    network = set(defaults) - set(SAMPLING_CHOICES)
-
-    def parse(flag_string):
-        import argparse
-
+    def parse(flag_string, defaults, keys=None):
         parser = argparse.ArgumentParser()
         add_dict_to_argparser(parser, defaults)
         args = parser.parse_args(shlex.split(flag_string))
-        return {k: getattr(args, k) for k in network}
+        given = {a.split("=")[0][2:] for a in shlex.split(flag_string) if a.startswith("--")}
+        return {k: getattr(args, k) for k in (keys if keys is not None else given)}
 
+    defaults = model_and_diffusion_defaults()
+    network = set(defaults) - set(SAMPLING_CHOICES)
     card = read_model_card(os.path.join(ROOT, "models", "fashion32_ema.pt"))
     from_card = {k: card.get(k, defaults[k]) for k in network}
     sample = source(os.path.join(ROOT, "scripts", "presets", "fashion32.sh"))
@@ -164,5 +168,18 @@ def test_default_model_flags_agree_everywhere():
         ["bash", "-c", 'source "$0"; echo $MODEL_FLAGS $DIFFUSION_FLAGS',
          os.path.join(ROOT, "scripts", "presets", "fashion32_train.sh")],
         capture_output=True, text=True, check=True).stdout
-    assert parse(sample["MODEL_FLAGS"]) == from_card
-    assert parse(train) == from_card
+    assert parse(sample["MODEL_FLAGS"], defaults, network) == from_card
+    assert parse(train, defaults, network) == from_card
+    # SAG and sampling defaults: every flag the preset gives is the card's.
+    run = {**defaults, **sag_defaults(), **sample_defaults()}
+    for var in ("SAG_FLAGS", "SAMPLE_FLAGS"):
+        given = parse(sample[var], run)
+        assert given == {k: card[k] for k in given}, var
+    assert set(sag_defaults()) - {"sag_true_attention", "classifier_guidance"} <= set(
+        parse(sample["SAG_FLAGS"], run))
+    # The noisy classifier's flags, against its own card.
+    classifier_card = read_model_card(os.path.join(ROOT, "models", "fashion32_classifier.pt"))
+    given = parse(sample["CLASSIFIER_FLAGS"], {**classifier_defaults(), **defaults})
+    assert given == {k: classifier_card[k] for k in given}
+    assert {k for k in classifier_card if k.startswith("classifier_") and k != "classifier_use_fp16"} \
+        <= set(given)
