@@ -15,7 +15,7 @@ setup(
         "Pillow",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "scipy", "mpich"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "scipy", "mpich", "matplotlib"],
         "eval": ["scipy"],
         "plot": ["matplotlib"],
     },
