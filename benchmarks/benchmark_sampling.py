@@ -61,6 +61,7 @@ from improved_diffusion.script_util import (  # noqa: E402
     model_and_diffusion_defaults,
     prepare_model_for_sampling,
 )
+from report import save_report  # noqa: E402
 from published_reference import (  # noqa: E402
     PublishedSAGModel,
     PublishedSampler,
@@ -549,14 +550,7 @@ def main():
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)
     report["machine"]["loadavg_end"] = os.getloadavg()
-    text = markdown(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    save_report(markdown(report), report, args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,12 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch as th  # noqa: E402
 
 from improved_diffusion.guidance.denoiser import GuidedDenoiser  # noqa: E402
+from report import save_report  # noqa: E402
 from improved_diffusion.sampling.random_util import BatchGenerator  # noqa: E402
 from improved_diffusion.guidance.sag import SelfAttentionGuidance  # noqa: E402
 from improved_diffusion.sampling.samplers import Sampler  # noqa: E402
@@ -114,14 +116,7 @@ def main():
         for p in args.precisions.split(","):
             cells += [fmt(row[p]["vs_fp32"]), fmt(row[p]["vs_published"])]
         lines.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    save_report("\n".join(lines), rows, args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ import json
 import os
 import shlex
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,13 +17,12 @@ import torch as th
 
 from conftest import (
     script_module,
-    MPIEXEC,
     ROOT,
-    env_for,
     die_while_writing,
     needs_mpiexec,
     random_state_dict,
     run_in_process,
+    run_script,
     tiny_model,
 )
 from evaluations.sweep_scores import NO_SCORER, dataset_of
@@ -41,7 +38,6 @@ from evaluations.paired_stats import (
     paired_bootstrap,
 )
 
-SWEEP = os.path.join(ROOT, "scripts", "sag_sweep.py")
 TINY = (
     "--image_size 16 --num_channels 32 --channel_mult 1,1 --num_res_blocks 1 "
     "--attention_resolutions 8 --num_heads 2 --learn_sigma True --class_cond True "
@@ -50,13 +46,6 @@ TINY = (
 )
 GRID = "guide_scale=1.0,2.0 blur_sigma=1,3"
 SETTINGS = ["guide_scale=1.0", "guide_scale=2.0,blur_sigma=1.0", "guide_scale=2.0,blur_sigma=3.0"]
-
-
-def run(script, flags, logdir, timeout=300, ranks=None):
-    cmd = [sys.executable, script] + shlex.split(flags)
-    if ranks:
-        cmd = [MPIEXEC, "-n", str(ranks)] + cmd
-    return subprocess.run(cmd, capture_output=True, text=True, env=env_for(logdir), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +65,7 @@ def files(tmp_path_factory):
 def sweep(files, tmp_path_factory):
     """The 2x2 grid end to end (the two baselines are one setting), 4 samples each."""
     out = tmp_path_factory.mktemp("sweep")
-    res = run(SWEEP, f"{TINY} --model_path {files['model']} --num_samples 4 --grid '{GRID}' "
+    res = run_script("sag_sweep.py", f"{TINY} --model_path {files['model']} --num_samples 4 --grid '{GRID}' "
                      f"--ref_batch {files['ref16']} --inception_path {files['inception']} "
                      "--bootstrap 50", out)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -185,17 +174,17 @@ def test_difference_and_interval_recomputed_from_the_npz_files(sweep, files):
 def test_baseline_equals_image_sample(sweep, files, tmp_path):
     """The no-SAG setting is image_sample.py --guide_scale 1.0 at the same seed, byte for byte."""
     out, _ = sweep
-    res = run(os.path.join(ROOT, "scripts", "image_sample.py"),
-              f"{TINY} --model_path {files['model']} --num_samples 4 --guide_scale 1.0", tmp_path)
+    res = run_script("image_sample.py",
+                     f"{TINY} --model_path {files['model']} --num_samples 4 --guide_scale 1.0", tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     plain = load(str(tmp_path / "samples_4x16x16x3.npz"))
     base = load(setting_npz(out, "guide_scale=1.0"))
     assert plain["arr_0"].tobytes() == base["arr_0"].tobytes()
     assert plain["arr_1"].tobytes() == base["arr_1"].tobytes()
     # and a SAG setting is image_sample.py with its flags
-    res = run(os.path.join(ROOT, "scripts", "image_sample.py"),
-              f"{TINY} --model_path {files['model']} --num_samples 4 --guide_scale 2 --blur_sigma 1",
-              tmp_path / "sag")
+    res = run_script("image_sample.py",
+                     f"{TINY} --model_path {files['model']} --num_samples 4 --guide_scale 2 --blur_sigma 1",
+                     tmp_path / "sag")
     assert res.returncode == 0, res.stderr[-3000:]
     assert (load(str(tmp_path / "sag" / "samples_4x16x16x3.npz"))["arr_0"].tobytes()
             == load(setting_npz(out, SETTINGS[1]))["arr_0"].tobytes())
@@ -213,7 +202,7 @@ def test_sampler_grid_parts_nfe_and_reference(files, tmp_path):
     sample, and every row against --reference.
     """
     out = tmp_path / "samplers"
-    res = run(SWEEP, f"{TINY} --guide_start 2 --model_path {files['model']} --num_samples 4 "
+    res = run_script("sag_sweep.py", f"{TINY} --guide_start 2 --model_path {files['model']} --num_samples 4 "
                      f"--grid '{SAMPLER_GRID}' --reference {REFERENCE} --ref_batch {files['ref16']} "
                      f"--inception_path {files['inception']} --bootstrap 20", out)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -236,8 +225,9 @@ def test_sampler_grid_parts_nfe_and_reference(files, tmp_path):
     for name, flags in ((REFERENCE, "--guide_scale 2.0 --timestep_respacing 5"),
                         (solver, "--guide_scale 2.0 --sampler dpmsolver++ --solver_steps 3")):
         single = tmp_path / name.replace(",", "_")
-        res = run(os.path.join(ROOT, "scripts", "image_sample.py"),
-                  f"{TINY} --guide_start 2 --model_path {files['model']} --num_samples 4 {flags}", single)
+        res = run_script("image_sample.py",
+                         f"{TINY} --guide_start 2 --model_path {files['model']} --num_samples 4 {flags}",
+                         single)
         assert res.returncode == 0, res.stderr[-3000:]
         assert (load(str(single / "samples_4x16x16x3.npz"))["arr_0"].tobytes()
                 == load(setting_npz(out, name))["arr_0"].tobytes()), name
@@ -255,7 +245,7 @@ def test_killed_sweep_resumes_without_redrawing(files, tmp_path):
     assert len([n for n in os.listdir(second) if n.startswith("shard_")]) == 1
     assert not (out / "settings" / SETTINGS[2]).exists()
     assert not (out / "sweep.csv").exists()
-    res = run(SWEEP, flags, out)
+    res = run_script("sag_sweep.py", flags, out)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert f"setting 1/3: {SETTINGS[0]}: already complete, not redrawn" in lines
@@ -266,7 +256,7 @@ def test_killed_sweep_resumes_without_redrawing(files, tmp_path):
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [r["setting"] for r in rows] == SETTINGS
     # A third run draws nothing.
-    res = run(SWEEP, flags, out)
+    res = run_script("sag_sweep.py", flags, out)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("already complete, not redrawn") == 3
     assert "sampled positions" not in res.stdout
@@ -291,9 +281,9 @@ def test_a_wider_grid_resumes_the_settings_it_shares(files, tmp_path):
     """A second sweep listing SAG flags in another order redraws neither its baseline nor a shared setting."""
     out = tmp_path / "wider"
     base = f"{TINY} --model_path {files['model']} --num_samples 2 --bootstrap 0"
-    res = run(SWEEP, f"{base} --grid 'guide_scale=1.0,2.0 blur_sigma=1'", out)
+    res = run_script("sag_sweep.py", f"{base} --grid 'guide_scale=1.0,2.0 blur_sigma=1'", out)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run(SWEEP, f"{base} --grid 'guide_scale=1.0,2.0 blur_sigma=3,1'", out)
+    res = run_script("sag_sweep.py", f"{base} --grid 'guide_scale=1.0,2.0 blur_sigma=3,1'", out)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert "setting 1/3: guide_scale=1.0: already complete, not redrawn" in lines
@@ -305,7 +295,7 @@ def test_a_wider_grid_resumes_the_settings_it_shares(files, tmp_path):
 def test_two_ranks_same_samples(sweep, files, tmp_path):
     """mpiexec -n 2: every setting's npz equals the one-process sweep's; rank 0 alone scores."""
     out, _ = sweep
-    res = run(SWEEP, f"{TINY} --model_path {files['model']} --num_samples 4 "
+    res = run_script("sag_sweep.py", f"{TINY} --model_path {files['model']} --num_samples 4 "
                      "--grid 'guide_scale=1.0,2.0 blur_sigma=1' --bootstrap 0", tmp_path, ranks=2)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     for name in SETTINGS[:2]:
@@ -500,7 +490,7 @@ def cifar_like(tmp_path_factory):
 
 
 def test_a_32x32_10_class_model_without_a_card_gets_no_fashion_scores(cifar_like, tmp_path):
-    res = run(SWEEP, f"{CIFAR_LIKE} --model_path {cifar_like} --num_samples 2 "
+    res = run_script("sag_sweep.py", f"{CIFAR_LIKE} --model_path {cifar_like} --num_samples 2 "
                      "--grid guide_scale=1.0,2.0 --bootstrap 0", tmp_path / "out")
     assert res.returncode == 0, res.stderr[-3000:]
     assert NO_SCORER in res.stdout.splitlines()
@@ -509,7 +499,7 @@ def test_a_32x32_10_class_model_without_a_card_gets_no_fashion_scores(cifar_like
     for row in rows:
         assert not {"accuracy", "fashion_fid", "fid"} & set(row), row
     # Asked for by name, the Fashion-MNIST scorer does score it.
-    res = run(SWEEP, f"{CIFAR_LIKE} --model_path {cifar_like} --num_samples 2 "
+    res = run_script("sag_sweep.py", f"{CIFAR_LIKE} --model_path {cifar_like} --num_samples 2 "
                      "--grid guide_scale=1.0,2.0 --bootstrap 0 --dataset fashion_mnist", tmp_path / "out")
     assert res.returncode == 0, res.stderr[-3000:]
     assert NO_SCORER not in res.stdout
