@@ -10,14 +10,11 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import env_for, record_applied_lrs
+from conftest import env_for, record_applied_lrs, tiny_flags
 import torch as th
 
 from improved_diffusion import logger
-from improved_diffusion.script_util import (
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
+from improved_diffusion.script_util import create_model_and_diffusion
 from improved_diffusion.train_util import (
     TrainLoop,
     find_ema_checkpoint,
@@ -28,19 +25,9 @@ EMA = 0.9
 
 
 def tiny_args(**overrides):
-    args = model_and_diffusion_defaults()
-    args.update(
-        image_size=8,
-        num_channels=32,
-        num_res_blocks=1,
-        num_heads=2,
-        attention_resolutions="8",
-        channel_mult="1",
-        diffusion_steps=100,
-        noise_schedule="linear",
-    )
-    args.update(overrides)
-    return args
+    """conftest's tiny flags at 8x8, one level, 100 linear steps, no learned sigmas."""
+    return tiny_flags(**{**dict(image_size=8, channel_mult="1", learn_sigma=False, diffusion_steps=100,
+                                timestep_respacing="", noise_schedule="linear"), **overrides})
 
 
 def tiny_model_and_diffusion(seed=0, **overrides):
