@@ -29,14 +29,7 @@ from evaluations.sweep_scores import NO_SCORER, dataset_of
 from improved_diffusion.checkpoints.model_card import write_model_card
 from improved_diffusion.run.sweep_grid import setting_args, settings_of
 from evaluations.evaluator import compute_statistics, frechet_distance
-from evaluations.paired_stats import (
-    FrechetReference,
-    FrechetToReference,
-    fid_of,
-    mcnemar,
-    mean_score,
-    paired_bootstrap,
-)
+from evaluations import paired_stats as ps
 
 TINY = (
     "--image_size 16 --num_channels 32 --channel_mult 1,1 --num_res_blocks 1 "
@@ -315,20 +308,20 @@ def test_two_ranks_same_samples(sweep, files, tmp_path):
 def test_bootstrap_hand_computed():
     # A constant shift of every pair: every resample gives the same difference.
     a, b = np.array([1.0, 3.0, 4.0]), np.array([0.5, 2.5, 3.5])
-    res = paired_bootstrap(mean_score, a, b, n_boot=200, seed=3)
+    res = ps.paired_bootstrap(ps.mean_score, a, b, n_boot=200, seed=3)
     assert res["difference"] == pytest.approx(0.5)
     assert res["ci"] == pytest.approx([0.5, 0.5])
     # One position: nothing to resample.
-    res = paired_bootstrap(mean_score, np.array([1.0]), np.array([0.0]), n_boot=10)
+    res = ps.paired_bootstrap(ps.mean_score, np.array([1.0]), np.array([0.0]), n_boot=10)
     assert res["difference"] == 1.0 and res["ci"] == [1.0, 1.0]
     # Two positions, right/wrong vs wrong/wrong: the resampled accuracy
     # difference is 0, 0.5 or 1 (probabilities 1/4, 1/2, 1/4), so with 2000
     # resamples the 2.5 % and 97.5 % quantiles are 0 and 1.
-    res = paired_bootstrap(mean_score, np.array([1, 0]), np.array([0, 0]), n_boot=2000)
+    res = ps.paired_bootstrap(ps.mean_score, np.array([1, 0]), np.array([0, 0]), n_boot=2000)
     assert res["difference"] == 0.5 and res["ci"] == [0.0, 1.0]
-    assert paired_bootstrap(mean_score, a, b, n_boot=0)["ci"] is None
+    assert ps.paired_bootstrap(ps.mean_score, a, b, n_boot=0)["ci"] is None
     with pytest.raises(ValueError):
-        paired_bootstrap(mean_score, a, b[:2])
+        ps.paired_bootstrap(ps.mean_score, a, b[:2])
 
 
 def test_bootstrap_matches_float64_numpy():
@@ -350,9 +343,9 @@ def test_bootstrap_matches_float64_numpy():
     for _ in range(100):
         idx = draw.integers(0, 12, 12)
         diffs.append(fid(fa[idx]) - fid(fb[idx]))
-    reference = FrechetReference(mu_r, sigma_r)
-    res = paired_bootstrap(fid_of, FrechetToReference(fa, reference),
-                           FrechetToReference(fb, reference), n_boot=100, seed=7)
+    reference = ps.FrechetReference(mu_r, sigma_r)
+    res = ps.paired_bootstrap(ps.fid_of, ps.FrechetToReference(fa, reference),
+                           ps.FrechetToReference(fb, reference), n_boot=100, seed=7)
     assert res["difference"] == pytest.approx(fid(fa) - fid(fb), rel=1e-8)
     assert res["ci"] == pytest.approx([np.percentile(diffs, 2.5), np.percentile(diffs, 97.5)],
                                       rel=1e-7)
@@ -362,7 +355,7 @@ def test_frechet_to_reference_is_the_evaluators():
     rng = np.random.default_rng(2)
     feats, ref = rng.normal(size=(30, 8)), rng.normal(size=(50, 8)) * 1.5 + 0.2
     stats = compute_statistics(ref)
-    fid = FrechetToReference(feats, FrechetReference(*stats))
+    fid = ps.FrechetToReference(feats, ps.FrechetReference(*stats))
     assert fid() == pytest.approx(frechet_distance(*compute_statistics(feats), *stats, quiet=True),
                                   rel=1e-9)
     idx = rng.integers(0, 30, 30)
@@ -371,12 +364,12 @@ def test_frechet_to_reference_is_the_evaluators():
 
 
 def test_mcnemar_hand_computed():
-    m = mcnemar([1, 1, 1, 0, 0], [0, 0, 1, 0, 1])
+    m = ps.mcnemar([1, 1, 1, 0, 0], [0, 0, 1, 0, 1])
     # 2 right here only, 1 right in the base only: p = 2 * P(X <= 1), X ~ Bin(3, 1/2) = 2 * 4/8
     assert m == dict(right_only_in_a=2, right_only_in_b=1, p=1.0)
-    m = mcnemar([1] * 6, [0] * 6)
+    m = ps.mcnemar([1] * 6, [0] * 6)
     assert m["p"] == pytest.approx(2 / 64)
-    assert mcnemar([1, 0], [1, 0])["p"] == 1.0
+    assert ps.mcnemar([1, 0], [1, 0])["p"] == 1.0
 
 
 # ---------------------------------------------------------------------------
