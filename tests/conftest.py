@@ -94,6 +94,26 @@ def tiny_flags(**overrides):
     return flags
 
 
+def network_of(args, kind="model"):
+    """
+    (network, diffusion) that parsed flags `args` build: kind "model",
+    "upsampler" or "classifier" (whose diffusion is None).
+    """
+    from improved_diffusion.script_util import (
+        args_to_dict,
+        classifier_defaults,
+        create_classifier,
+        sr_create_model_and_diffusion,
+        sr_model_and_diffusion_defaults,
+    )
+
+    if kind == "classifier":
+        return create_classifier(**args_to_dict(args, classifier_defaults().keys())), None
+    if kind == "upsampler":
+        return sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
+    return create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+
+
 def tiny_model(seed=0, **overrides):
     """A tiny random UNet (with non-zero output/attention projections) and its diffusion."""
     th.manual_seed(seed)

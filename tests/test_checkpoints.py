@@ -9,14 +9,11 @@ import shlex
 import pytest
 import torch as th
 
+from conftest import network_of
 from improved_diffusion.script_util import (
     add_dict_to_argparser,
-    args_to_dict,
     classifier_defaults,
-    create_classifier,
-    create_model_and_diffusion,
     model_and_diffusion_defaults,
-    sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
 
@@ -41,15 +38,7 @@ def build_from_flags(flags, kind):
     add_dict_to_argparser(parser, defaults)
     args = parser.parse_args(shlex.split(flags))
     with th.device("meta"):
-        if kind == "classifier":
-            return create_classifier(**args_to_dict(args, classifier_defaults().keys()))
-        if kind == "upsampler":
-            model, _ = sr_create_model_and_diffusion(**vars(args))
-            return model
-        model, _ = create_model_and_diffusion(
-            **args_to_dict(args, model_and_diffusion_defaults().keys())
-        )
-        return model
+        return network_of(args, kind)[0]
 
 
 def test_seventeen_manifests():

@@ -11,19 +11,11 @@ import subprocess
 import pytest
 import torch as th
 
-from conftest import ROOT, script_module
+from conftest import ROOT, network_of, script_module
 from improved_diffusion.checkpoints.published import PUBLISHED_CHECKPOINTS
 from improved_diffusion.guidance.sag import SelfAttentionGuidance
 from improved_diffusion.cli import validate_sample_args
-from improved_diffusion.script_util import (
-    args_to_dict,
-    classifier_defaults,
-    create_classifier,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    sr_create_model_and_diffusion,
-    sr_model_and_diffusion_defaults,
-)
+from improved_diffusion.script_util import classifier_defaults
 
 PRESETS = os.path.join(ROOT, "scripts", "presets")
 VARIABLES = ("SCRIPT", "MODEL_PATH", "BASE_SAMPLES", "SAMPLE_FLAGS", "MODEL_FLAGS", "SAG_FLAGS", "CLASSIFIER_FLAGS")
@@ -107,12 +99,7 @@ def test_preset_flags_build_the_published_model(path):
     validate_sample_args(args)
     assert args.guide_scale != 1.0 and args.timestep_respacing
     with th.device("meta"):
-        if "large_size" in vars(args):
-            model, diffusion = sr_create_model_and_diffusion(
-                **args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
-        else:
-            model, diffusion = create_model_and_diffusion(
-                **args_to_dict(args, model_and_diffusion_defaults().keys()))
+        model, diffusion = network_of(args, "upsampler" if "large_size" in vars(args) else "model")
         sag = SelfAttentionGuidance.from_args(model, args)  # the chosen block has attention
         assert sag.applies(diffusion.num_timesteps - 1)
         if name in MANIFESTS:
@@ -121,7 +108,7 @@ def test_preset_flags_build_the_published_model(path):
         if args.classifier_guidance:
             clf_name = os.path.basename(args.classifier_path)[:-3]
             assert clf_name in PUBLISHED_CHECKPOINTS
-            classifier = create_classifier(**args_to_dict(args, classifier_defaults().keys()))
+            classifier, _ = network_of(args, "classifier")
             if clf_name in MANIFESTS:
                 want = [(n, s) for n, s, _ in MANIFESTS[clf_name]["params"]]
                 assert [(n, list(t.shape)) for n, t in classifier.state_dict().items()] == want

@@ -25,20 +25,11 @@ import sys
 import pytest
 import torch as th
 
-from conftest import ROOT, script_module
+from conftest import ROOT, network_of, script_module
 from improved_diffusion.checkpoints.loading import (
     check_state_dict,
     classifier_from_args,
     model_from_args,
-)
-from improved_diffusion.script_util import (
-    args_to_dict,
-    classifier_defaults,
-    create_classifier,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    sr_create_model_and_diffusion,
-    sr_model_and_diffusion_defaults,
 )
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -110,15 +101,7 @@ def test_small_published_checkpoint_loads_strictly_on_cpu(name, tmp_path, single
 def meta_model(entry):
     args = parse(entry["flags"])
     with th.device("meta"):
-        if entry["kind"] == "classifier":
-            return create_classifier(**args_to_dict(args, classifier_defaults().keys()))
-        if entry["kind"] == "upsampler":
-            model, _ = sr_create_model_and_diffusion(
-                **args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
-            return model
-        model, _ = create_model_and_diffusion(
-            **args_to_dict(args, model_and_diffusion_defaults().keys()))
-        return model
+        return network_of(args, entry["kind"])[0]
 
 
 @pytest.mark.parametrize("name", sorted(MANIFESTS))
