@@ -24,13 +24,11 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the package; report.py sits beside this script
 
 import torch as th  # noqa: E402
 
 from improved_diffusion.guidance.denoiser import GuidedDenoiser  # noqa: E402
-from report import save_report  # noqa: E402
 from improved_diffusion.sampling.random_util import BatchGenerator  # noqa: E402
 from improved_diffusion.guidance.sag import SelfAttentionGuidance  # noqa: E402
 from improved_diffusion.sampling.samplers import Sampler  # noqa: E402
@@ -42,6 +40,7 @@ from improved_diffusion.script_util import (  # noqa: E402
     prepare_model_for_sampling,
     sag_defaults,
 )
+from report import save_report  # noqa: E402
 
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 

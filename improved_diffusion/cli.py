@@ -143,6 +143,12 @@ def parse_sample_args(parser, argv=None):
     return args
 
 
+def refuse_classifier_guidance(args, instead):
+    """For a script without a classifier: --classifier_guidance True is one line saying what to do."""
+    if args.classifier_guidance:
+        raise pure_usage_error(f"--classifier_guidance True {instead}; or pass --classifier_guidance False")
+
+
 def _finite(value):
     try:
         return math.isfinite(float(value))

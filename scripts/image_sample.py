@@ -24,11 +24,8 @@ from improved_diffusion.run.sample_run import Batches, sample_to_npz  # noqa: E4
 
 def main(argv=None):
     args = cli.parse_sample_args(create_argparser(), argv)
-    if args.classifier_guidance:
-        raise cli.pure_usage_error(
-            "--classifier_guidance True needs a classifier; use scripts/classifier_sample.py "
-            "with --classifier_path, or pass --classifier_guidance False"
-        )
+    cli.refuse_classifier_guidance(
+        args, "needs a classifier: use scripts/classifier_sample.py with --classifier_path")
     dist_util.setup_dist()
 
     def setup(log_dir):

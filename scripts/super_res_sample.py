@@ -29,11 +29,7 @@ from improved_diffusion.run.sample_run import Batches, sample_to_npz  # noqa: E4
 
 def main(argv=None):
     args = cli.parse_sample_args(create_argparser(), argv)
-    if args.classifier_guidance:
-        raise cli.pure_usage_error(
-            "--classifier_guidance True is not available for super-resolution; "
-            "pass --classifier_guidance False"
-        )
+    cli.refuse_classifier_guidance(args, "is not available for super-resolution")
     if not args.base_samples:
         raise cli.pure_usage_error(
             "--base_samples is required: an npz of low-resolution samples "

@@ -513,3 +513,17 @@ def test_top_level_entry_points_run_their_scripts(name, tmp_path):
         outs.append(res.stdout)
     assert outs[0] == outs[1]
     assert "--guide_scale" in outs[0]
+
+
+@pytest.mark.parametrize("script, flags, says", [
+    ("image_sample", TINY, "needs a classifier: use scripts/classifier_sample.py with --classifier_path"),
+    ("super_res_sample", "--base_samples x.npz", "is not available for super-resolution"),
+])
+def test_classifier_guidance_without_a_classifier_is_one_line(script, flags, says, tmp_path, capsys,
+                                                              monkeypatch):
+    code, err = run_in_process(script_module(script), f"{flags} --classifier_guidance True",
+                               tmp_path / "out", capsys, monkeypatch)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: --classifier_guidance True {says}; or pass --classifier_guidance False"]
+    assert not (tmp_path / "out").exists()
