@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 import torch as th
@@ -56,7 +57,8 @@ def source(path):
     """The preset's variables, as bash sees them."""
     script = f'set -eu; source "{path}"; ' + "; ".join(
         f'printf "%s\\0" "${{{v}-__unset__}}"' for v in VARIABLES)
-    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHON=sys.executable)).stdout
     values = out.split("\0")[: len(VARIABLES)]
     return {k: v for k, v in zip(VARIABLES, values) if v != "__unset__"}
 
@@ -126,8 +128,9 @@ def test_improved_diffusion_presets_rescale_timesteps():
 def test_default_model_flags_agree_everywhere():
     """
     The model cards are the one home of the default models' flags; the
-    fashion32 presets spell them out and must say the same thing, flag by
-    flag: the network (checkpoints cannot tell some flags apart, e.g.
+    fashion32 presets read them from there (python -m
+    improved_diffusion.checkpoints.model_card) and must give every flag the
+    card sets, with its value: the network (checkpoints cannot tell some flags apart, e.g.
     --norm_groups changes no parameter shape, so a drifted copy would load
     the weights into another network without an error), the SAG and sampling
     defaults, and the noisy classifier's flags.
@@ -152,9 +155,9 @@ def test_default_model_flags_agree_everywhere():
     from_card = {k: card.get(k, defaults[k]) for k in network}
     sample = source(os.path.join(ROOT, "scripts", "presets", "fashion32.sh"))
     train = subprocess.run(
-        ["bash", "-c", 'source "$0"; echo $MODEL_FLAGS $DIFFUSION_FLAGS',
+        ["bash", "-c", 'set -eu; source "$0"; echo $MODEL_FLAGS $DIFFUSION_FLAGS',
          os.path.join(ROOT, "scripts", "presets", "fashion32_train.sh")],
-        capture_output=True, text=True, check=True).stdout
+        capture_output=True, text=True, check=True, env=dict(os.environ, PYTHON=sys.executable)).stdout
     assert parse(sample["MODEL_FLAGS"], defaults, network) == from_card
     assert parse(train, defaults, network) == from_card
     # SAG and sampling defaults: every flag the preset gives is the card's.
@@ -170,3 +173,19 @@ def test_default_model_flags_agree_everywhere():
     assert given == {k: classifier_card[k] for k in given}
     assert {k for k in classifier_card if k.startswith("classifier_") and k != "classifier_use_fp16"} \
         <= set(given)
+
+
+def test_the_presets_card_reader(tmp_path):
+    """python -m improved_diffusion.checkpoints.model_card CARD NAME...: the flags, or one error line."""
+    from improved_diffusion.checkpoints.model_card import write_model_card
+
+    write_model_card(str(tmp_path / "m.pt"), {"image_size": 32, "class_cond": True, "blur_sigma": 3.0})
+    cmd = [sys.executable, "-m", "improved_diffusion.checkpoints.model_card", str(tmp_path / "m.json")]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run(cmd + ["blur_sigma", "image_size", "class_cond"], capture_output=True, text=True,
+                         env=env, cwd=str(tmp_path))
+    assert res.returncode == 0 and res.stdout == "--blur_sigma 3.0 --image_size 32 --class_cond True\n"
+    res = subprocess.run(cmd + ["image_size", "norm_groups"], capture_output=True, text=True, env=env,
+                         cwd=str(tmp_path))
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr == f"error: {tmp_path / 'm.json'} has no flag norm_groups\n"

@@ -68,3 +68,25 @@ def write_model_card(model_path, flags, **extra):
     """Write the flags a checkpoint needs next to it (atomically)."""
     return atomic_json(model_card_path(model_path), dict(flags=flags, **extra), end="",
                        indent=1, sort_keys=True)
+
+
+def card_flags(card_path, names):
+    """``--name value`` for each of `names`, with the values of a model card (for presets)."""
+    with open(card_path) as f:
+        flags = json.load(f)["flags"]
+    missing = [n for n in names if n not in flags]
+    if missing:
+        raise ValueError(f"{card_path} has no flag {', '.join(missing)}")
+    return " ".join(f"--{n} {flags[n]}" for n in names)
+
+
+if __name__ == "__main__":
+    # python -m improved_diffusion.checkpoints.model_card CARD.json NAME...: what presets source.
+    import sys
+
+    try:
+        print(card_flags(sys.argv[1], sys.argv[2:]))
+    except (OSError, KeyError, ValueError) as e:  # KeyError: a card without "flags"
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
