@@ -1,8 +1,8 @@
 """
 The golden cases of tests/golden (cases.json: the published SAG sampler;
-solver_cases.json: the official DPM-Solver++) and how a test runs one:
-through its script's main with the user's command line and the real files,
-or through the package's drawer.
+solver_cases.json: the official DPM-Solver++) and how a test runs one: its
+script with the user's command line and the real files, in a process of its
+own, or in the test process where the float samples are checked too.
 """
 
 import contextlib
@@ -11,13 +11,14 @@ import io
 import json
 import os
 import shlex
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch as th
 
-from conftest import ROOT, script_module
+from conftest import ROOT, env_for, script_module
 
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 with open(os.path.join(GOLDEN, "cases.json")) as f:
@@ -46,35 +47,47 @@ def case_command(case, extra=()):
 
 def run_case(name, tmp_path, extra=(), floats=None):
     """
-    Run case `name` through its script's main with the case's command line
-    (in this process, one torch thread as conftest sets; the scripts' own
-    process boundary is tested in test_sampling.py). Returns the npz's
-    arrays (arr_0, and arr_1 if any). With a list `floats`, each batch's
-    float samples, as the drawer hands them to the uint8 cast, are appended.
+    Run case `name` as a user runs it: its script in a process of its own
+    with the case's command line, one OpenMP thread. With a list `floats`
+    the script's main runs in this process instead (one torch thread, as
+    conftest sets), and each batch's float samples, as the drawer hands them
+    to the uint8 cast, are appended. Returns the npz's arrays (arr_0, and
+    arr_1 if any).
     """
+    case = ALL_CASES[name]
+    out = tmp_path / "out"
+    if floats is None:
+        res = subprocess.run(case_command(case, extra), capture_output=True, text=True,
+                             env=env_for(out, OMP_NUM_THREADS="1"), timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        printed = res.stdout
+    else:
+        printed = _run_in_process_recording(case, extra, out, floats)
+    (path,) = glob.glob(str(out / "samples_*.npz"))
+    assert printed.strip().splitlines()[-1] == path
+    with np.load(path) as data:
+        return {k: data[k] for k in data.keys()}
+
+
+def _run_in_process_recording(case, extra, out, floats):
+    """The script's main in this process, the float samples before the uint8 cast into `floats`."""
     from improved_diffusion.cli import run_main
     from improved_diffusion.sampling import drawer
 
-    case = ALL_CASES[name]
-    out = tmp_path / "out"
     script = script_module(case.get("script", "image_sample.py")[: -len(".py")])
     printed = io.StringIO()
+    cast = drawer.to_uint8
+
+    def recording_cast(sample, positions=None):
+        floats.append(sample.detach().cpu().clone())
+        return cast(sample, positions)
+
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.setenv("OPENAI_LOGDIR", str(out))
         mp.setenv("TQDM_DISABLE", "1")
-        if floats is not None:
-            cast = drawer.to_uint8
-
-            def recording_cast(sample, positions=None):
-                floats.append(sample.detach().cpu().clone())
-                return cast(sample, positions)
-
-            mp.setattr(drawer, "to_uint8", recording_cast)
+        mp.setattr(drawer, "to_uint8", recording_cast)
         run_main(script.main, case_command(case, extra)[2:])
-    (path,) = glob.glob(str(out / "samples_*.npz"))
-    assert printed.getvalue().strip().splitlines()[-1] == path
-    with np.load(path) as data:
-        return {k: data[k] for k in data.keys()}
+    return printed.getvalue()
 
 
 def expected(name):

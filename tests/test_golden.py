@@ -1,7 +1,7 @@
 """
 The golden cases: what the published SAG sampler draws from tiny checkpoints,
-reproduced by scripts/image_sample.py and scripts/classifier_sample.py with a
-user's command line (the script's main, the real files of tests/golden).
+reproduced by scripts/image_sample.py and scripts/classifier_sample.py run as
+a user runs them (a subprocess, the real files of tests/golden).
 
 Tolerance (tests/golden/README): at most 0.1% of values off by more than one
 level and a mean absolute difference of at most 0.05, for every case but
@@ -40,7 +40,7 @@ Sample 1 it did not: at the fifth guided step (index 3) key 15's mass is
 1 - 4.5e-3 in float64, less than one float32 ulp moves it, and sample 1 is
 1.96 levels off; a float32 run that puts it above 1 (here: 2 threads,
 avx2 kernels and MKL_CBWR=COMPATIBLE, 1 + 2.7e-3) gives the published sample
-1 (0.049 off). The test checks that margin and leaves sample 1 out. As a user runs it (float32, through the script)
+1 (0.049 off). The test checks that margin and leaves sample 1 out. As a user runs it (float32, a subprocess)
 each sample is held within HEADCH16_SPREAD levels on average: rounding alone
 reaches 1.96, the true map is 4.3 or more off and no SAG 5.7 or more.
 """
