@@ -25,7 +25,8 @@ ALLOWED = {
     "files": set(),
     "guidance": {"unet", "nn", "gaussian_diffusion", "errors"},
     "sampling": {"guidance", "gaussian_diffusion", "respace", "errors", "dist_util", "run.pictures"},
-    "run": {"files", "checkpoints", "cli", "errors", "dist_util", "logger"},
+    "run": {"files", "checkpoints", "cli", "errors", "dist_util", "logger", "allocator"},
+    "allocator": set(),
     "checkpoints": {"script_util", "image_datasets", "files", "errors", "dist_util"},
 }
 

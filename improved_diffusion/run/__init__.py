@@ -8,6 +8,6 @@ The sampling run on disk: a log directory that survives crashes and resumes.
 - ``pictures``: the PNG grid and the SAG-mask pictures.
 
 May import: ``files``, ``checkpoints``, ``cli``, ``errors``, ``dist_util``,
-``logger``; never ``sampling`` or ``guidance`` (a run is told how to draw a
-batch by the script that starts it).
+``logger``, ``allocator``; never ``sampling`` or ``guidance`` (a run is told
+how to draw a batch by the script that starts it).
 """

@@ -52,6 +52,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from .. import dist_util, logger
+from ..allocator import keep_freed_memory
 from ..checkpoints.loading import check_checkpoint_exists
 from ..cli import agree, on_rank0
 from ..errors import UsageError
@@ -150,6 +151,7 @@ def sample_to_npz(args, script, image_size, has_labels, files, setup, log_dir=No
         ``OPENAI_LOGDIR``, or a fresh folder under the temporary directory.
     :return: the npz path on rank 0, None on the other ranks.
     """
+    keep_freed_memory()  # no page faults per step (improved_diffusion/allocator.py)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     log_dir, session, created = _choose_log_dir(rank, log_dir)
     try:
