@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch as th  # noqa: E402
 
+from improved_diffusion.allocator import keep_freed_memory  # noqa: E402
 from improved_diffusion.sampling.random_util import BatchGenerator  # noqa: E402
 from improved_diffusion.guidance.sag import SelfAttentionGuidance  # noqa: E402
 from improved_diffusion.guidance.denoiser import ClassifierGuidance, GuidedDenoiser  # noqa: E402
@@ -247,15 +249,23 @@ def sync(device):
         th.cuda.synchronize()
 
 
+def page_faults():
+    """Minor page faults of this process so far (the kernel's count)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(variant, steps):
+    """(seconds, page faults) of the first `steps` steps of `variant`."""
     sync(variant.device)
+    faults = page_faults()
     start = time.perf_counter()
     out = variant.run(steps)
     sync(variant.device)
     elapsed = time.perf_counter() - start
+    faults = page_faults() - faults
     if not th.isfinite(out).all():
         print(f"warning: {variant.name} produced non-finite samples", file=sys.stderr)
-    return elapsed
+    return elapsed, faults
 
 
 def build_variants(arch, impls, precision, modes, device, batch, skip=()):
@@ -291,11 +301,12 @@ def bench_arch(arch, impls, precisions, modes, device, batch, steps, repeats, sl
         variants += build_variants(arch, impls, precision, modes, device, batch, skip)
     n1, n2 = steps
     per_step = {v.name: [] for v in variants}
+    faults = {v.name: [] for v in variants}
     raw = {v.name: [] for v in variants}
     slow = set()
     for v in variants:
         with th.no_grad():
-            warm = timed(v, n1)  # warm-up
+            warm, _ = timed(v, n1)  # warm-up
         log(f"  {arch} {v.name} warm-up: {n1} steps {warm:.2f}s")
         if warm > slow_s:
             # Minutes per step: one run, start-up included (negligible here).
@@ -307,9 +318,11 @@ def bench_arch(arch, impls, precisions, modes, device, batch, steps, repeats, sl
         order = timed_variants if r % 2 == 0 else timed_variants[::-1]
         for v in order:
             counts = (n1, n2) if r % 2 == 0 else (n2, n1)
-            times = {n: timed(v, n) for n in counts}
+            measured = {n: timed(v, n) for n in counts}
+            times = {n: measured[n][0] for n in counts}
             step = (times[n2] - times[n1]) / (n2 - n1)
             per_step[v.name].append(step)
+            faults[v.name].append((measured[n2][1] - measured[n1][1]) / (n2 - n1))
             raw[v.name].append(times)
             log(f"  {arch} {v.name} repeat {r}: {n1} steps {times[n1]:.2f}s, {n2} steps {times[n2]:.2f}s"
                 f" -> {step:.3f} s/step")
@@ -318,6 +331,7 @@ def bench_arch(arch, impls, precisions, modes, device, batch, steps, repeats, sl
         name: dict(
             median=statistics.median(vals),
             per_step=vals,
+            page_faults_per_step=statistics.median(faults[name]) if faults[name] else None,
             single_run=name in slow,
             runs=[{str(k): t for k, t in times.items()} for times in raw[name]],
         )
@@ -358,7 +372,8 @@ def memory_child(arch, impl, precision, mode, device, batch, steps):
     return dict(peak_mib=peak / 1024, base_mib=base / 1024)
 
 
-def measure_memory(arch, impls, precisions, modes, device, batch, steps, threads, log, skip=()):
+def measure_memory(arch, impls, precisions, modes, device, batch, steps, threads, log, skip=(),
+                   allocator="default"):
     results = {}
     for precision in precisions:
         for impl in impls:
@@ -367,7 +382,7 @@ def measure_memory(arch, impls, precisions, modes, device, batch, steps, threads
                     continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--memory_child",
                        ",".join([arch, impl, precision, mode]), "--device", device,
-                       "--batch", str(batch), "--steps", f"{steps},{steps}"]
+                       "--batch", str(batch), "--steps", f"{steps},{steps}", "--allocator", allocator]
                 if threads:
                     cmd += ["--threads", str(threads)]
                 res = subprocess.run(cmd, capture_output=True, text=True)
@@ -457,6 +472,12 @@ def markdown(report):
         if extra:
             lines.append("; ".join(extra) + ".")
             lines.append("")
+        faults = [f"{name} {r['page_faults_per_step']:.0f}" for name, r in res.items()
+                  if r.get("page_faults_per_step") is not None]
+        if faults:
+            lines.append(f"Page faults per step (allocator: {report.get('allocator', 'default')}): "
+                         + "; ".join(faults) + ".")
+            lines.append("")
         if str(m.get("device", "cpu")).startswith("cuda"):
             rates = [f"{name} {batch / r['median']:.2f}" for name, r in res.items() if r["median"] > 0]
             lines.append("Images per second (batch / seconds per step): " + "; ".join(rates) + ".")
@@ -502,6 +523,9 @@ def main():
     parser.add_argument("--markdown", default=None, help="write the table here")
     parser.add_argument("--from_json", default=None,
                         help="comma-separated reports (--json) to merge into one table; runs nothing")
+    parser.add_argument("--allocator", choices=("default", "keep"), default="default",
+                        help="default: the C library's settings (as the published scripts run); "
+                        "keep: what this fork's sampling runs set (improved_diffusion/allocator.py)")
     parser.add_argument("--memory_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.from_json:
@@ -511,6 +535,8 @@ def main():
                 f.write(text + "\n")
         print(text)
         return
+    if args.allocator == "keep":
+        keep_freed_memory()
     if args.threads:
         th.set_num_threads(args.threads)
     steps = tuple(int(s) for s in args.steps.split(","))
@@ -532,7 +558,7 @@ def main():
     report = dict(
         command="python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
         machine=machine_info(args.device, args.threads), steps=steps, repeats=args.repeats,
-        timing={}, batch={}, memory={},
+        timing={}, batch={}, memory={}, allocator=args.allocator,
     )
     for arch in archs:
         batch = args.batch or ARCHS[arch]["batch"]
@@ -544,7 +570,7 @@ def main():
         if args.memory:
             report["memory"][arch] = measure_memory(
                 arch, impls, precisions, [m for m in modes if m != "sag_cg"], args.device, batch,
-                args.memory_steps, args.threads, log, skip,
+                args.memory_steps, args.threads, log, skip, args.allocator,
             )
         if args.json:
             with open(args.json, "w") as f:
