@@ -353,8 +353,9 @@ def _figure(rows, path, width):
     return (plt, fig, list(zip(axes[0], keys))), None
 
 
-def _save(plt, fig, path):
-    fig.tight_layout()
+def _save(plt, fig, path, layout=True):
+    if layout:
+        fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
@@ -389,8 +390,11 @@ def plot_nfe(rows, path):
         ax.set_xscale("log")
         ax.set_xlabel("network evaluations per sample")
         ax.set_ylabel(key)
-        ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    # One legend under both panels (the same lines in each), clear of the data.
+    handles, labels = panels[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 * ((len(labels) + 1) // 2), 1, 1))
+    return _save(plt, fig, path, layout=False)
 
 
 def _line_flags(row, keep_scale=False):
