@@ -26,6 +26,11 @@ weights whatever the device; ``bf16`` forces bfloat16 weights for both;
 ``half_cl`` (this fork only) is ``half`` with the model in channels-last.
 The classifier runs in float32 (the seed commands' classifier flags).
 
+``--allocator keep`` sets the C library's allocator as this fork's sampling
+runs do (improved_diffusion/allocator.py) for the whole process; the default
+leaves glibc's settings, as the published scripts run. The report gives the
+page faults per step of each variant.
+
 ``--memory`` also measures the peak memory of sampling (CPU: peak RSS of a
 fresh process per variant, reset before sampling; CUDA: peak allocated).
 
