@@ -5,14 +5,15 @@ A sampling step allocates and frees the same large activations (megabytes
 each) again and again. With glibc's defaults, blocks that large are mapped
 fresh for every allocation and unmapped when freed, and the heap's top is
 trimmed, so each step pays the kernel to map and zero the same pages anew:
-an ImageNet-128 SAG step on a CPU took 730,000 page faults and about 11 % of
-its time in the kernel (benchmarks/RESULTS.md, "Page faults"). Raising
-glibc's mmap and trim thresholds lets freed blocks be reused: no page
-faults after the first step, and no change to any number computed.
+an ImageNet-128 SAG step on a CPU took up to 717,000 page faults and up to
+11 % of its time in the kernel (benchmarks/RESULTS.md, "Page faults").
+Raising glibc's mmap and trim thresholds lets freed blocks be reused: no
+page faults after the first step, and no change to any number computed.
 
-``keep_freed_memory()`` is called once by every script (cli.run_main); it
-does nothing where the C library is not glibc, and nothing when the
-environment variable ``IMPROVED_DIFFUSION_MALLOPT`` is ``0``.
+``keep_freed_memory()`` is called by every sampling run
+(run.sample_run.sample_to_npz, so the sampling scripts, the demo and the
+sweep); it does nothing where the C library is not glibc, and nothing when
+the environment variable ``IMPROVED_DIFFUSION_MALLOPT`` is ``0``.
 """
 
 import ctypes
