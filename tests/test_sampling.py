@@ -392,6 +392,12 @@ BAD_INPUTS = [
     ("guide_scale_nan", "--model_path {uncond} --guide_scale nan", "--guide_scale must be a finite number"),
     ("guide_scale_inf", "--model_path {uncond} --guide_scale inf", "--guide_scale must be a finite number"),
     ("nan_batch", "--model_path {d}/nan.pt", "NaN/inf values in the sampled batch at positions 0..1"),
+    ("sampler", "--model_path {uncond} --sampler euler",
+     "--sampler must be one of ddpm, ddim, dpmsolver++, got 'euler'"),
+    ("solver_steps", "--model_path {uncond} --sampler dpmsolver++ --solver_steps 0",
+     "--solver_steps must be at least --solver_order (2), got 0"),
+    ("solver_order", "--model_path {uncond} --sampler dpmsolver++ --solver_order 4",
+     "--solver_order must be 1, 2 or 3, got 4"),
 ]
 
 
