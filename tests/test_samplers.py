@@ -145,7 +145,10 @@ def _args(flags):
 
 @pytest.mark.parametrize("flags,message", [
     ("--sampler dpmsolver++ --use_ddim True", "--use_ddim True and --sampler dpmsolver++ disagree"),
-    ("--sampler euler", "--sampler must be one of ddpm, ddim, dpmsolver++"),
+    ("--sampler euler", "--sampler must be one of ddpm, ddim, dpmsolver++, sde-dpmsolver++"),
+    ("--sampler sde-dpmsolver++ --use_ddim True", "--use_ddim True and --sampler sde-dpmsolver++ disagree"),
+    ("--sampler sde-dpmsolver++ --solver_order 3", "--solver_order must be 1 or 2 with --sampler sde-dpmsolver++"),
+    ("--sampler sde-dpmsolver++ --solver_steps 0", "--solver_steps must be at least"),
     ("--sampler dpmsolver++ --solver_order 4", "--solver_order must be 1, 2 or 3"),
     ("--sampler dpmsolver++ --solver_steps 2 --solver_order 3", "--solver_steps must be at least"),
     ("--sampler dpmsolver++ --skip_type cosine", "--skip_type must be one of"),

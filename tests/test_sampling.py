@@ -393,7 +393,7 @@ BAD_INPUTS = [
     ("guide_scale_inf", "--model_path {uncond} --guide_scale inf", "--guide_scale must be a finite number"),
     ("nan_batch", "--model_path {d}/nan.pt", "NaN/inf values in the sampled batch at positions 0..1"),
     ("sampler", "--model_path {uncond} --sampler euler",
-     "--sampler must be one of ddpm, ddim, dpmsolver++, got 'euler'"),
+     "--sampler must be one of ddpm, ddim, dpmsolver++, sde-dpmsolver++, got 'euler'"),
     ("solver_steps", "--model_path {uncond} --sampler dpmsolver++ --solver_steps 0",
      "--solver_steps must be at least --solver_order (2), got 0"),
     ("solver_order", "--model_path {uncond} --sampler dpmsolver++ --solver_order 4",

@@ -3,7 +3,11 @@ DPM-Solver++ (Lu et al., arXiv 2211.01095): the multistep solver of the
 diffusion ODE in data-prediction form, with the numerics of the official
 code (LuChengTHU/dpm-solver, ``dpm_solver_pytorch.py`` at commit 8acf2bb:
 ``NoiseScheduleVP('discrete')``, ``DPM_Solver(algorithm_type='dpmsolver++')``,
-``sample(method='multistep', lower_order_final=True)``, no denoise-to-zero).
+``sample(method='multistep', lower_order_final=True)``, no denoise-to-zero),
+and its stochastic variant SDE-DPM-Solver++ (the same paper's solver of the
+reverse diffusion SDE, orders 1 and 2, with the update rule of diffusers'
+``DPMSolverMultistepScheduler(algorithm_type='sde-dpmsolver++',
+solver_type='midpoint')``) over the same schedule and time steps.
 
 :class:`DiscreteVPSchedule` is the continuous-time view of a discrete
 schedule (alpha_t, sigma_t, lambda_t and the model's time), and
@@ -185,7 +189,33 @@ def multistep_update(schedule, x, x0_history, t_history, t, order):
     )
 
 
-def multistep_dpmpp(x0_fn, schedule, x, times, order=2, lower_order_final=True):
+def sde_multistep_update(schedule, x, x0_history, t_history, t, order, noise):
+    """
+    One SDE-DPM-Solver++ multistep update of `order` (1 or 2) from
+    ``t_history[-1]`` to `t`, with `noise` a standard normal draw shaped like
+    x. With h = lambda_t - lambda_s it is
+    ``sigma_t / sigma_s * exp(-h) * x + alpha_t * (1 - exp(-2h)) * (m0 + D1 / 2)
+    + sigma_t * sqrt(1 - exp(-2h)) * noise``, D1 the scaled difference of the
+    last two data predictions (order 2; 0 at order 1): the reverse SDE's
+    exponential integrator, whose first order is DDPM's posterior step with
+    the predicted x_0.
+    """
+    s = t_history[-1]
+    lambda_s, lambda_t = schedule.lambda_(s), schedule.lambda_(t)
+    sigma_s, sigma_t = schedule.sigma(s), schedule.sigma(t)
+    alpha_t = th.exp(schedule.log_alpha(t))
+    h = lambda_t - lambda_s
+    keep = -th.expm1(-2.0 * h)  # 1 - exp(-2h)
+    x0 = x0_history[-1]
+    if order == 2:
+        r0 = (lambda_s - schedule.lambda_(t_history[-2])) / h
+        x0 = x0 + 0.5 * (1.0 / r0) * (x0_history[-1] - x0_history[-2])
+    elif order != 1:
+        raise ValueError(f"SDE solver order must be 1 or 2, got {order}")
+    return (sigma_t / sigma_s * th.exp(-h)) * x + (alpha_t * keep) * x0 + sigma_t * th.sqrt(keep) * noise
+
+
+def multistep_dpmpp(x0_fn, schedule, x, times, order=2, lower_order_final=True, noise_fn=None):
     """
     Solve from x_T (`x`) at ``times[0]`` down to ``times[-1]`` in
     ``len(times) - 1`` multistep updates, one data prediction per update but
@@ -194,19 +224,26 @@ def multistep_dpmpp(x0_fn, schedule, x, times, order=2, lower_order_final=True):
     :param x0_fn: ``x0_fn(x, t, j)`` -> the data prediction at solver time
         `t` (a 0-dim tensor), the j-th of the run (0 at T).
     :param times: the solver's times, :meth:`DiscreteVPSchedule.time_steps`.
+    :param noise_fn: None for DPM-Solver++ (the ODE); for SDE-DPM-Solver++,
+        ``noise_fn(x)`` -> the standard normal draw of one update (orders 1
+        and 2), called once per update after its data prediction.
     :return: an iterator over ``(j, x)``: after update j + 1 (j = 0 ..
         steps - 1), the sample at the next time; the last one is the result.
     """
     steps = len(times) - 1
-    if not 1 <= order <= 3:
-        raise ValueError(f"solver order must be 1, 2 or 3, got {order}")
+    max_order = 3 if noise_fn is None else 2
+    if not 1 <= order <= max_order:
+        raise ValueError(f"solver order must be 1 to {max_order}, got {order}")
     if steps < order:
         raise ValueError(f"the solver needs at least as many steps as its order ({order}), got {steps}")
     t_history = [times[0]]
     x0_history = [x0_fn(x, times[0], 0)]
     for step, step_order in enumerate(step_orders(steps, order, lower_order_final), start=1):
         t = times[step]
-        x = multistep_update(schedule, x, x0_history, t_history, t, step_order)
+        if noise_fn is None:
+            x = multistep_update(schedule, x, x0_history, t_history, t, step_order)
+        else:
+            x = sde_multistep_update(schedule, x, x0_history, t_history, t, step_order, noise_fn(x))
         yield step - 1, x
         t_history = (t_history + [t])[-order:]
         if step < steps:  # no evaluation after the last update

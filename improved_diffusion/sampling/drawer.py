@@ -157,8 +157,8 @@ def describe_setup(args, model, drawer, extra=()):
         f"model {args.model_path}: {params:.1f}M parameters, torso in {dtype}",
         f"{sampler.describe()}, seed {args.seed}",
     ]
-    if sampler.name == "dpmsolver++" and getattr(args, "timestep_respacing", ""):
-        lines.append(f"--timestep_respacing {args.timestep_respacing} does not apply to dpmsolver++ "
+    if sampler.schedule is not None and getattr(args, "timestep_respacing", ""):
+        lines.append(f"--timestep_respacing {args.timestep_respacing} does not apply to {sampler.name} "
                      f"(it takes --solver_steps {sampler.steps} over the full schedule)")
     if sag is None or sag.scale == 1.0:
         lines.append("self-attention guidance off (--guide_scale 1)")

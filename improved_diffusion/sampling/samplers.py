@@ -1,8 +1,8 @@
 """
 The samplers, each one function over the guided denoiser
 (:class:`~improved_diffusion.guidance.denoiser.GuidedDenoiser`): ancestral
-(DDPM), DDIM and DPM-Solver++. None of them knows about SAG; each asks the
-denoiser for its prediction at ``(x_t, t)`` and steps.
+(DDPM), DDIM, DPM-Solver++ and SDE-DPM-Solver++. None of them knows about
+SAG; each asks the denoiser for its prediction at ``(x_t, t)`` and steps.
 
 Every sampler is a generator ``sampler(denoiser, x_T, ...)`` of
 ``(index, step)``: the index counts the model evaluations still to come
@@ -26,7 +26,9 @@ from .dpm_solver import SKIP_TYPES, TIME_MAPS, DiscreteVPSchedule, multistep_dpm
 from ..gaussian_diffusion import get_named_beta_schedule
 from ..guidance.denoiser import DiffusionTimes
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
+# The samplers that take --solver_steps, --solver_order and --skip_type over the full schedule.
+SOLVERS = ("dpmsolver++", "sde-dpmsolver++")
 
 
 def _step(sample, pictures):
@@ -116,17 +118,21 @@ class SolverTimes:
 
 
 def dpm_solver_pp(denoiser, x, *, schedule, steps, order=2, skip_type="time_uniform",
-                  model_kwargs=None, generator=None):
+                  stochastic=False, model_kwargs=None, generator=None):
     """
     DPM-Solver++ (multistep, lower-order final steps below 10 steps, no
     denoise-to-zero: the official defaults) over `schedule`, the model's
     full schedule. At each evaluation the data prediction is
     ``(x - sigma_t * eps) / alpha_t`` from the denoiser's eps (SAG, then
     classifier guidance in noise form), clamped to [-1, 1] with
-    clip_denoised (the official ``correcting_x0_fn``). Deterministic:
-    `generator` is not drawn from.
+    clip_denoised (the official ``correcting_x0_fn``).
+
+    Deterministic by default (`generator` is not drawn from). `stochastic`
+    solves the reverse SDE instead (SDE-DPM-Solver++, orders 1 and 2): the
+    same evaluations and step orders, and each update adds a noise draw
+    from `generator`, one per update, after its evaluation.
     """
-    del generator  # an ODE solver: x_T is the only randomness
+    noise_fn = generator.randn_like if stochastic else None
     kwargs = model_kwargs or {}
     solver_times = schedule.time_steps(skip_type, steps, device=x.device)
     times = SolverTimes(schedule, solver_times[:-1])
@@ -140,7 +146,7 @@ def dpm_solver_pp(denoiser, x, *, schedule, steps, order=2, skip_type="time_unif
         return x0.clamp(-1, 1) if denoiser.clip_denoised else x0
 
     with th.no_grad():
-        for j, x in multistep_dpmpp(x0_fn, schedule, x, solver_times, order):
+        for j, x in multistep_dpmpp(x0_fn, schedule, x, solver_times, order, noise_fn=noise_fn):
             # Update j used the evaluation made at the j-th time: report its pictures.
             yield steps - 1 - j, _step(x, evaluations.pop("pictures", None))
 
@@ -156,8 +162,8 @@ def sampler_name(args):
     """--sampler, with --use_ddim True meaning ddim (refused with another sampler)."""
     name = getattr(args, "sampler", "ddpm")
     if getattr(args, "use_ddim", False):
-        if name == "dpmsolver++":
-            raise ValueError("--use_ddim True and --sampler dpmsolver++ disagree; drop --use_ddim "
+        if name in SOLVERS:
+            raise ValueError(f"--use_ddim True and --sampler {name} disagree; drop --use_ddim "
                              "(or pass --sampler ddim)")
         return "ddim"
     return name
@@ -168,10 +174,12 @@ def check_sampler_flags(args):
     name = sampler_name(args)
     if name not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
-    if name != "dpmsolver++":
+    if name not in SOLVERS:
         return
     if args.solver_order not in (1, 2, 3):
         raise ValueError(f"--solver_order must be 1, 2 or 3, got {args.solver_order}")
+    if name == "sde-dpmsolver++" and args.solver_order == 3:
+        raise ValueError("--solver_order must be 1 or 2 with --sampler sde-dpmsolver++, got 3")
     if args.solver_steps < args.solver_order:
         raise ValueError(f"--solver_steps must be at least --solver_order ({args.solver_order}), "
                          f"got {args.solver_steps}")
@@ -188,9 +196,9 @@ class Sampler:
     The sampler a run uses, with its settings fixed:
     ``sampler(denoiser, x_T, model_kwargs, generator)`` iterates its steps.
 
-    :param name: "ddpm", "ddim" or "dpmsolver++".
+    :param name: "ddpm", "ddim", "dpmsolver++" or "sde-dpmsolver++".
     :param diffusion: the (respaced) GaussianDiffusion of ddpm and ddim.
-    :param schedule: the :class:`DiscreteVPSchedule` of dpmsolver++.
+    :param schedule: the :class:`DiscreteVPSchedule` of the two solvers.
     """
 
     name: str
@@ -210,16 +218,17 @@ class Sampler:
         return cls("ddim", diffusion=diffusion, eta=eta, steps=diffusion.num_timesteps)
 
     @classmethod
-    def dpm_solver_pp(cls, schedule, steps, order=2, skip_type="time_uniform"):
-        return cls("dpmsolver++", schedule=schedule, steps=steps, order=order, skip_type=skip_type)
+    def dpm_solver_pp(cls, schedule, steps, order=2, skip_type="time_uniform", stochastic=False):
+        name = "sde-dpmsolver++" if stochastic else "dpmsolver++"
+        return cls(name, schedule=schedule, steps=steps, order=order, skip_type=skip_type)
 
     @classmethod
     def from_args(cls, args, diffusion):
         """The sampler of the flags (checked by :func:`check_sampler_flags`)."""
         name = sampler_name(args)
-        if name == "dpmsolver++":
+        if name in SOLVERS:
             return cls.dpm_solver_pp(solver_schedule(args), args.solver_steps, args.solver_order,
-                                     args.skip_type)
+                                     args.skip_type, stochastic=name == "sde-dpmsolver++")
         if name == "ddim":
             return cls.ddim(diffusion, args.eta)
         return cls.ddpm(diffusion)
@@ -232,7 +241,8 @@ class Sampler:
             return ddim(denoiser, x, diffusion=self.diffusion, eta=self.eta,
                         model_kwargs=model_kwargs, generator=generator)
         return dpm_solver_pp(denoiser, x, schedule=self.schedule, steps=self.steps, order=self.order,
-                             skip_type=self.skip_type, model_kwargs=model_kwargs, generator=generator)
+                             skip_type=self.skip_type, stochastic=self.name == "sde-dpmsolver++",
+                             model_kwargs=model_kwargs, generator=generator)
 
     def run(self, denoiser, x, model_kwargs=None, generator=None):
         """Sample to the end: the final x (the loop without its steps)."""
@@ -259,5 +269,6 @@ class Sampler:
         if self.schedule.num_dropped:
             end = (f"; its last {self.schedule.num_dropped} steps (half log-SNR < -5.1) dropped, "
                    f"--solver_time_map {self.schedule.time_map}")
-        return (f"DPM-Solver++ {self.order}M, {self.steps} steps ({self.skip_type}) over the full "
+        kind = "SDE-DPM-Solver++" if self.name == "sde-dpmsolver++" else "DPM-Solver++"
+        return (f"{kind} {self.order}M, {self.steps} steps ({self.skip_type}) over the full "
                 f"{len(self.schedule.log_alpha_array) + self.schedule.num_dropped}-step schedule{end}")
