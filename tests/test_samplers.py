@@ -172,18 +172,33 @@ def test_sampler_from_flags_and_the_log_says_respacing_does_not_apply():
     assert sorted(draw.sampler.model_timesteps()) == list(range(7))
 
 
-SOLVER_FLAGS = (f"{TINY} --class_cond True --num_classes 10 --num_samples 6 --seed 4 "
-                "--sampler dpmsolver++ --solver_steps 5 --solver_order 3 --skip_type logSNR")
+def test_sde_solver_draws_each_positions_noise_from_its_own_generator():
+    model, diffusion = tiny_model()
+    args = _args("--class_cond False --sampler sde-dpmsolver++ --solver_steps 4 --skip_type logSNR --seed 3")
+    draw = drawer.make_drawer(args, model, diffusion, None)
+    assert drawer.describe_setup(args, model, draw)[1].startswith("SDE-DPM-Solver++ 2M, 4 steps (logSNR)")
+    whole, _ = draw([0, 1, 2, 3])
+    halves = np.concatenate([draw([0, 1])[0], draw([2, 3])[0]])
+    diff = np.abs(whole.astype(int) - halves.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    # The same x_T through the ODE: the SDE's own noise changes the samples.
+    ode_args = _args("--class_cond False --sampler dpmsolver++ --solver_steps 4 --skip_type logSNR --seed 3")
+    ode = drawer.make_drawer(ode_args, model, diffusion, None)
+    assert (np.abs(ode([0, 1, 2, 3])[0].astype(int) - whole.astype(int)) > 2).mean() > 0.5
+
+
+SOLVER_FLAGS = f"{TINY} --class_cond True --num_classes 10 --num_samples 6 --seed 4 --skip_type logSNR"
 
 
 @needs_mpi
-def test_solver_run_on_two_ranks_equals_one_with_pictures(ckpts, tmp_path):
+@pytest.mark.parametrize("solver", ["--sampler dpmsolver++ --solver_steps 5 --solver_order 3",
+                                    "--sampler sde-dpmsolver++ --solver_steps 5 --solver_order 2"])
+def test_solver_run_on_two_ranks_equals_one_with_pictures(ckpts, tmp_path, solver):
     """A solver run is just another sampler: ranks, shards, npz and SAG pictures."""
-    one = run_script("image_sample.py", f"{SOLVER_FLAGS} --model_path {ckpts['cond']} --batch_size 3 "
-                     "--save_attention_masks True", tmp_path / "one")
+    flags = f"{SOLVER_FLAGS} {solver} --model_path {ckpts['cond']}"
+    one = run_script("image_sample.py", f"{flags} --batch_size 3 --save_attention_masks True", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_script("image_sample.py", f"{SOLVER_FLAGS} --model_path {ckpts['cond']} --batch_size 2",
-                     tmp_path / "two", ranks=2)
+    two = run_script("image_sample.py", f"{flags} --batch_size 2", tmp_path / "two", ranks=2)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = load_npz(npz_files(tmp_path / "one")[0]), load_npz(npz_files(tmp_path / "two")[0])
     np.testing.assert_array_equal(a["arr_1"], b["arr_1"])

@@ -7,6 +7,10 @@ DPM-Solver++ against expectations computed without the solver.
   ``v = alpha^2 S^2 + sigma^2`` at both ends (the ODE transports the
   marginal N(alpha MU, v) affinely). The solver, given that exact
   prediction, must converge to it, faster with higher order.
+- SDE-DPM-Solver++ given the same prediction solves the reverse SDE, whose
+  samples at the end are distributed as the data noised to that step,
+  N(alpha_e MU, v_e): their mean and spread must approach it, the spread's
+  error halving with the step at order 1 and falling faster at order 2.
 - The solver's time steps for each skip type, from the official
   ``get_time_steps`` rules written out here in float64 numpy.
 
@@ -90,6 +94,37 @@ def test_solver_converges_to_the_closed_form_faster_with_higher_order(solve, ski
         assert errors[2, steps] / errors[2, 2 * steps] > 3.3, errors
         assert errors[3, steps] / errors[3, 2 * steps] > 3.3, errors
     assert errors[3, 80] < 2e-3 and errors[2, 80] < 3e-3, errors
+
+
+class _Normal:
+    """A generator of the SDE solver's noise: one seeded stream for the whole batch."""
+
+    def __init__(self, seed):
+        self.generator = th.Generator().manual_seed(seed)
+
+    def randn_like(self, x):
+        return th.randn(x.shape, generator=self.generator)
+
+
+def test_sde_solver_samples_the_noised_data_distribution():
+    betas, abar = alphas_cumprod("linear")
+    schedule = DiscreteVPSchedule(betas)
+    a_e = np.sqrt(abar[0])
+    want_mean, want_std = a_e * MU, np.sqrt(a_e**2 * S**2 + 1 - a_e**2)
+    n = 1 << 17  # standard errors: 0.0014 for the mean, 0.001 for the spread
+    errors = {}
+    for order in (1, 2):
+        for steps in (20, 40, 80):
+            x_T = th.randn(n, 1, 1, 1, generator=th.Generator().manual_seed(1))
+            denoiser = GuidedDenoiser(ExactGaussianEps(abar), learn_sigma=False, clip_denoised=False)
+            sampler = Sampler.dpm_solver_pp(schedule, steps, order, "logSNR", stochastic=True)
+            got = sampler.run(denoiser, x_T, {}, _Normal(2)).double().numpy()
+            assert abs(got.mean() - want_mean) < 0.006, (order, steps, got.mean())
+            errors[order, steps] = abs(got.std() - want_std)
+    assert 1.6 < errors[1, 20] / errors[1, 40] < 2.3 and 1.6 < errors[1, 40] / errors[1, 80] < 2.3, errors
+    for steps in (20, 40, 80):
+        assert errors[2, steps] < errors[1, steps] / 4, errors
+    assert errors[2, 80] < 0.005, errors
 
 
 def official_time_steps(log_alpha, t_array, skip_type, steps):
