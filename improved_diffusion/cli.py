@@ -121,11 +121,27 @@ def default_model_path(path):
     return path
 
 
+
+
+def flags_given(parser, argv=None):
+    """The dests that `argv` sets itself (not through a default)."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions})
+    given, _ = parser.parse_known_args(argv, namespace)
+    return {dest for dest, value in vars(given).items() if value is not unset}
+
+
 def parse_args_with_card(parser, argv=None):
     """
     Parse flags; defaults come from the model card next to ``--model_path``
     (``name.json`` beside ``name.pt``) when there is one, then from the
     command line. Published checkpoints have no card: their flags are passed.
+
+    A card that samples with a solver (``"sampler": "sde-dpmsolver++"``)
+    still lets the upstream commands choose upstream's samplers: with
+    ``--use_ddim True`` or ``--timestep_respacing`` on the command line and
+    no ``--sampler``, the run samples with DDIM or the ancestral sampler
+    over those steps (docs/samplers.md).
     """
     pre, _ = parser.parse_known_args(argv)
     card = read_model_card(default_model_path(pre.model_path))
@@ -133,6 +149,11 @@ def parse_args_with_card(parser, argv=None):
     parser.set_defaults(**{k: v for k, v in card.items() if k in known})
     args = parser.parse_args(argv)
     args.model_path = default_model_path(args.model_path)
+    if "sampler" in card and "sampler" in known:
+        given = flags_given(parser, argv)
+        upstream = args.use_ddim or "timestep_respacing" in given
+        if "sampler" not in given and upstream:
+            args.sampler = "ddpm"  # (--use_ddim True then makes it ddim)
     return args
 
 

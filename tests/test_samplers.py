@@ -7,6 +7,7 @@ numpy, or from counting model calls; the solver's samples themselves are
 checked against the official code's in tests/test_golden_solver.py.
 """
 
+import json
 import math
 
 import numpy as np
@@ -21,7 +22,7 @@ from improved_diffusion.gaussian_diffusion import get_named_beta_schedule
 from improved_diffusion.guidance.denoiser import GuidedDenoiser
 from improved_diffusion.sampling.random_util import BatchGenerator
 from improved_diffusion.guidance.sag import SelfAttentionGuidance
-from improved_diffusion.sampling.samplers import Sampler, SolverTimes
+from improved_diffusion.sampling.samplers import Sampler, SolverTimes, sampler_name
 
 image_sample = script_module("image_sample")
 
@@ -185,6 +186,24 @@ def test_sde_solver_draws_each_positions_noise_from_its_own_generator():
     ode_args = _args("--class_cond False --sampler dpmsolver++ --solver_steps 4 --skip_type logSNR --seed 3")
     ode = drawer.make_drawer(ode_args, model, diffusion, None)
     assert (np.abs(ode([0, 1, 2, 3])[0].astype(int) - whole.astype(int)) > 2).mean() > 0.5
+
+
+@pytest.mark.parametrize("flags,want", [
+    ("", ("sde-dpmsolver++", "50")),
+    ("--use_ddim True", ("ddim", "50")),
+    ("--use_ddim False", ("sde-dpmsolver++", "50")),
+    ("--timestep_respacing 100", ("ddpm", "100")),
+    ("--timestep_respacing 100 --use_ddim True", ("ddim", "100")),
+    ("--sampler dpmsolver++ --timestep_respacing 100", ("dpmsolver++", "100")),
+    ("--sampler ddpm", ("ddpm", "50")),
+])
+def test_upstream_sampler_flags_override_a_cards_solver(tmp_path, flags, want):
+    """A card with a solver: upstream's --use_ddim / --timestep_respacing still pick upstream's samplers."""
+    (tmp_path / "m.json").write_text(json.dumps({"flags": {
+        "sampler": "sde-dpmsolver++", "solver_steps": 20, "timestep_respacing": "50"}}))
+    args = cli.parse_sample_args(image_sample.create_argparser(),
+                                 f"{TINY} --model_path {tmp_path / 'm.pt'} {flags}".split())
+    assert (sampler_name(args), args.timestep_respacing) == want
 
 
 SOLVER_FLAGS = f"{TINY} --class_cond True --num_classes 10 --num_samples 6 --seed 4 --skip_type logSNR"
