@@ -28,6 +28,7 @@ from conftest import (
 from evaluations.sweep_scores import NO_SCORER, dataset_of
 from improved_diffusion.checkpoints.model_card import write_model_card
 from improved_diffusion.run.sweep_grid import setting_args, settings_of
+from improved_diffusion.sampling.samplers import sampler_name
 from evaluations.evaluator import compute_statistics, frechet_distance
 from evaluations import paired_stats as ps
 
@@ -268,6 +269,21 @@ def test_baseline_keeps_the_fixed_sag_flags():
     assert (guided.guide_scale, guided.blur_sigma, guided.sel_attn_depth) == (2.0, 3.0, 0)
     assert (setting_args(fixed, settings[1]).blur_sigma,
             setting_args(fixed, settings[1]).sel_attn_depth) == (1.0, 1)
+
+
+def test_upstream_sampler_flags_in_the_grid_override_a_fixed_solver():
+    """As on a command line: timestep_respacing or use_ddim=True in a setting, and no sampler, mean ddpm/ddim."""
+    sweep = script_module("sag_sweep")
+    fixed = sweep.parse_args(shlex.split(f"{TINY} --sampler sde-dpmsolver++ --grid x"))[0]
+    grid = [("guide_scale", [1.0]), ("timestep_respacing", ["20"])]
+    [setting] = settings_of(grid, fixed)[0]
+    assert sampler_name(setting_args(fixed, setting)) == "ddpm"
+    grid = [("guide_scale", [1.0]), ("use_ddim", [True])]
+    assert sampler_name(setting_args(fixed, settings_of(grid, fixed)[0][0])) == "ddim"
+    grid = [("guide_scale", [1.0]), ("solver_steps", [10])]
+    assert sampler_name(setting_args(fixed, settings_of(grid, fixed)[0][0])) == "sde-dpmsolver++"
+    grid = [("guide_scale", [1.0]), ("sampler", ["dpmsolver++"]), ("timestep_respacing", ["20"])]
+    assert sampler_name(setting_args(fixed, settings_of(grid, fixed)[0][0])) == "dpmsolver++"
 
 
 def test_a_wider_grid_resumes_the_settings_it_shares(files, tmp_path):

@@ -140,13 +140,21 @@ def setting_args(fixed, setting):
     A baseline runs no SAG pass, so it keeps the fixed part's SAG-only flags
     whatever the grid lists: the same run (and the same folder to resume)
     in every sweep that shares it, in whatever order the grid gives them.
+    A setting that gives --timestep_respacing or --use_ddim True and no
+    --sampler samples with the ancestral sampler or DDIM, whatever sampler
+    the fixed part (the model card) names.
     """
     args = argparse.Namespace(**vars(fixed))
-    for flag, value in setting["values"].items():
+    values = setting["values"]
+    for flag, value in values.items():
         if not (setting["baseline"] and flag in SAG_ONLY):
             setattr(args, flag, value)
     if setting["baseline"]:
         args.guide_scale = BASELINE_SCALE
+    # As on a command line (cli.parse_args_with_card): upstream's sampler
+    # flags without a sampler choose upstream's samplers over a solver.
+    if "sampler" not in values and ("timestep_respacing" in values or values.get("use_ddim")):
+        args.sampler = "ddpm"
     return args
 
 
