@@ -16,7 +16,8 @@ Writes into --out_dir (replacing the files of an earlier run):
 and prints where they are.
 
 The sampling flags come from the default model's card (models/fashion32_ema.json:
-50 respaced steps, SAG, bfloat16 where the CPU has it); flags given here win.
+SDE-DPM-Solver++ with 15 logSNR steps and SAG on each, bfloat16 where the CPU
+has it); flags given here win.
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """
 Score checkpoints of the default model's training run the way the demo
-scores the committed model: sample with the card's settings (50 respaced
-steps, SAG; models/fashion32_ema.json), then label accuracy, feature FID vs
+scores the committed model: sample with the card's settings (its sampler
+and SAG; models/fashion32_ema.json), then label accuracy, feature FID vs
 the test split and colour cast (evaluations/fashion_metrics.py).
 
     python scripts/evaluate_default_model.py logs/fashion32_v2/model001000.pt \

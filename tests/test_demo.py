@@ -12,6 +12,7 @@ import torch as th
 from PIL import Image
 
 from conftest import script_module
+from improved_diffusion.sampling.samplers import Sampler, sampler_name
 from improved_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
@@ -129,7 +130,9 @@ def test_default_model_card_gives_sag_sampling_without_flags():
     assert os.path.samefile(args.model_path, DEFAULT_MODEL)
     assert args.image_size == 32 and args.class_cond and args.num_classes == 10
     assert args.guide_scale != 1.0  # SAG is on
-    assert args.timestep_respacing and int(args.timestep_respacing) <= 100
+    # a fast sampler: at most 40 network evaluations per sample, SAG on each
+    steps = Sampler.from_args(args, None).steps
+    assert sampler_name(args) == "sde-dpmsolver++" and steps * 2 <= 40 and args.guide_start >= steps
     # the card's flags build the model the weights belong to
     flags = {k: getattr(args, k) for k in model_and_diffusion_defaults()}
     model, diffusion = create_model_and_diffusion(**flags)
