@@ -25,7 +25,6 @@ import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 
 from improved_diffusion.checkpoints.model_card import run_flags  # noqa: E402
 
@@ -46,7 +45,7 @@ def checkpoint_kind(path):
 
 def evaluate(checkpoint, num_samples, seed, work_dir, extra):
     """The demo's metrics for one checkpoint (sampled into a fresh folder under work_dir)."""
-    import demo
+    from scripts import demo
 
     with open(CARD) as f:
         card = json.load(f)
