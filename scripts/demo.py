@@ -81,21 +81,46 @@ def pictures(out_dir):
     return sorted(found, key=lambda p: (os.path.dirname(p) != out_dir, p))
 
 
+def _cpu_times(path="/proc/stat"):
+    """(busy, total) CPU time of all cores so far, in clock ticks (Linux)."""
+    with open(path) as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def busy_cores(interval=0.5):
+    """
+    How many cores other work keeps busy now: measured from /proc/stat over
+    `interval` seconds where there is one, else the 1-minute load average
+    (which lags: the pip install that `make demo` has just run still counts
+    there for a minute).
+    """
+    try:
+        busy0, total0 = _cpu_times()
+        time.sleep(interval)
+        busy1, total1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return 0.0
+    if total1 <= total0:
+        return 0.0
+    return (os.cpu_count() or 1) * (busy1 - busy0) / (total1 - total0)
+
+
 def pick_threads(requested=0):
     """
     Torch threads for sampling: `requested` if > 0, else the cores left idle
-    by other work (cores minus the 1-minute load average, at least 1). On a
-    busy machine more threads than free cores make every op wait for the
-    slowest thread (several times slower than one thread).
+    by other work (cores minus the busy ones, at least 1). On a busy machine
+    more threads than free cores make every op wait for the slowest thread
+    (several times slower than one thread).
     """
     if requested > 0:
         return requested
     cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        busy = 0.0
-    return max(1, min(cores, int(round(cores - busy))))
+    return max(1, min(cores, int(round(cores - busy_cores()))))
 
 
 def score_samples(npz_path, classifier_path=None):

@@ -175,10 +175,23 @@ def test_demo_out_dir_is_emptied_only_when_it_is_an_earlier_run(tmp_path):
     assert (other / "notes.txt").exists()
 
 
-def test_pick_threads(monkeypatch):
+def test_pick_threads(monkeypatch, tmp_path):
     demo = script_module("demo")
     assert demo.pick_threads(3) == 3
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    # /proc/stat's first line twice: 3 of 4 cores busy between the two reads.
+    stats = iter(["cpu  100 0 100 800 0 0 0 0 0 0\n", "cpu  250 0 100 850 0 0 0 0 0 0\n"])
+    stat = tmp_path / "stat"
+
+    def read(path="/proc/stat"):
+        stat.write_text(next(stats))
+        return real_read(str(stat))
+
+    real_read = demo._cpu_times
+    monkeypatch.setattr(demo, "_cpu_times", read)
+    assert demo.busy_cores(interval=0) == pytest.approx(3.0)
+    # Without /proc/stat: the load average.
+    monkeypatch.setattr(demo, "_cpu_times", lambda: open(tmp_path / "missing"))
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0, 0))
     assert demo.pick_threads() == 4
     monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0, 0))
