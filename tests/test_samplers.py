@@ -162,9 +162,10 @@ def test_bad_sampler_flags(flags, message):
 
 def test_sampler_from_flags_and_the_log_says_respacing_does_not_apply():
     model, diffusion = tiny_model()
-    assert Sampler.from_args(_args(""), diffusion).name == "ddpm"
+    assert Sampler.from_args(_args("--sampler ddpm"), diffusion).name == "ddpm"
     assert Sampler.from_args(_args("--use_ddim True --eta 0.5"), diffusion).eta == 0.5
-    args = _args("--sampler dpmsolver++ --solver_steps 7 --solver_order 3 --timestep_respacing 4")
+    args = _args("--sampler dpmsolver++ --solver_steps 7 --solver_order 3 --skip_type time_uniform "
+                 "--timestep_respacing 4")
     draw = drawer.make_drawer(args, model, diffusion, None)
     assert (draw.sampler.name, draw.sampler.steps, draw.sampler.order) == ("dpmsolver++", 7, 3)
     lines = drawer.describe_setup(args, model, draw)
