@@ -385,8 +385,10 @@ def plot_nfe(rows, path):
         return message
     plt, fig, panels = figure
     for ax, key in panels:
-        for label, points in nfe_lines(rows, key).items():
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        for i, (label, points) in enumerate(nfe_lines(rows, key).items()):
+            # matplotlib cycles 10 colours: later lines get another marker and dashes.
+            style = dict(marker="o") if i < 10 else dict(marker="s", linestyle="--")
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label, **style)
         ax.set_xscale("log")
         ax.set_xlabel("network evaluations per sample")
         ax.set_ylabel(key)
