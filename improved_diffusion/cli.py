@@ -123,12 +123,21 @@ def default_model_path(path):
 
 
 
+def asks_for_upstream_sampler(given):
+    """
+    Whether flags given explicitly (a command line's, a sweep setting's:
+    {flag: value}) ask for upstream's samplers over a model card's solver:
+    --timestep_respacing or --use_ddim True, and no --sampler.
+    """
+    return "sampler" not in given and ("timestep_respacing" in given or bool(given.get("use_ddim")))
+
+
 def flags_given(parser, argv=None):
-    """The dests that `argv` sets itself (not through a default)."""
+    """The flags that `argv` sets itself (not through a default): {dest: value}."""
     unset = object()
     namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions})
     given, _ = parser.parse_known_args(argv, namespace)
-    return {dest for dest, value in vars(given).items() if value is not unset}
+    return {dest: value for dest, value in vars(given).items() if value is not unset}
 
 
 def parse_args_with_card(parser, argv=None):
@@ -150,9 +159,7 @@ def parse_args_with_card(parser, argv=None):
     args = parser.parse_args(argv)
     args.model_path = default_model_path(args.model_path)
     if "sampler" in card and "sampler" in known:
-        given = flags_given(parser, argv)
-        upstream = args.use_ddim or "timestep_respacing" in given
-        if "sampler" not in given and upstream:
+        if asks_for_upstream_sampler(flags_given(parser, argv)):
             args.sampler = "ddpm"  # (--use_ddim True then makes it ddim)
     return args
 

@@ -8,7 +8,7 @@ each setting. Every setting is an ordinary sampling run of its own.
 import argparse
 import itertools
 
-from ..cli import validate_sample_args
+from ..cli import asks_for_upstream_sampler, validate_sample_args
 from ..errors import UsageError, pure_usage_error
 
 # Flags that only act through a second SAG pass: none of them changes a
@@ -151,9 +151,8 @@ def setting_args(fixed, setting):
             setattr(args, flag, value)
     if setting["baseline"]:
         args.guide_scale = BASELINE_SCALE
-    # As on a command line (cli.parse_args_with_card): upstream's sampler
-    # flags without a sampler choose upstream's samplers over a solver.
-    if "sampler" not in values and ("timestep_respacing" in values or values.get("use_ddim")):
+    # As on a command line (cli.parse_args_with_card).
+    if asks_for_upstream_sampler(values):
         args.sampler = "ddpm"
     return args
 
