@@ -9,17 +9,18 @@ checked against the official code's in tests/test_golden_solver.py.
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch as th
 
-from conftest import TINY, load_npz, script_module, needs_mpi, npz_files, run_script, tiny_model
+from conftest import ROOT, TINY, load_npz, script_module, needs_mpi, npz_files, run_script, tiny_model
 from improved_diffusion import cli
 from improved_diffusion.sampling import drawer
 from improved_diffusion.sampling.dpm_solver import DiscreteVPSchedule, interpolate, step_orders
 from improved_diffusion.gaussian_diffusion import get_named_beta_schedule
-from improved_diffusion.guidance.denoiser import GuidedDenoiser
+from improved_diffusion.guidance.denoiser import DiffusionTimes, GuidedDenoiser
 from improved_diffusion.sampling.random_util import BatchGenerator
 from improved_diffusion.guidance.sag import SelfAttentionGuidance
 from improved_diffusion.sampling.samplers import Sampler, SolverTimes, sampler_name
@@ -127,6 +128,34 @@ def test_solver_evaluates_once_per_step_and_guides_the_last_guide_start():
         assert with_pictures == [i for i in (5, 4, 3, 2, 1, 0) if i < start]
         # The second pass runs at the first pass's time.
         assert sorted(set(model.times)) == sorted(set(plain_times))
+
+
+def _architecture_doc_sampler():
+    """The sampler that docs/ARCHITECTURE.md shows under "Adding a sampler", as written there."""
+    with open(os.path.join(ROOT, "docs", "ARCHITECTURE.md")) as f:
+        text = f.read()
+    block = text.split("## Adding a sampler", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {"th": th, "DiffusionTimes": DiffusionTimes}
+    exec(compile(block, "docs/ARCHITECTURE.md", "exec"), namespace)
+    return namespace["ddim_eta0"]
+
+
+@pytest.mark.parametrize("guide_scale", [1.0, 1.5])
+def test_the_architecture_docs_sampler_is_upstreams_ddim(guide_scale):
+    # The docs' claim: a sampler is one function over the denoiser, and SAG
+    # comes with it. Its samples must be upstream's DDIM (eta 0) on the same
+    # denoiser, SAG on every step or off.
+    model, diffusion = tiny_model()
+    sag = SelfAttentionGuidance(model, scale=guide_scale, depth=0, num_heads=2)
+    denoiser = GuidedDenoiser.for_diffusion(model, diffusion, sag=sag)
+    gen = BatchGenerator([0, 1])
+    x_T = gen.randn((2, 3, 16, 16))
+    steps = list(Sampler.ddim(diffusion)(denoiser, x_T, {}, gen))
+    assert len([i for i, step in steps if "sag_mask" in step]) == (4 if guide_scale != 1.0 else 0)
+    ours = list(_architecture_doc_sampler()(denoiser, x_T, diffusion=diffusion))
+    assert [i for i, _ in ours] == [i for i, _ in steps] == [3, 2, 1, 0]
+    assert th.allclose(ours[-1][1]["sample"], steps[-1][1]["sample"], atol=1e-5)
+    assert not th.allclose(ours[0][1]["sample"], x_T, atol=1e-2)
 
 
 def test_solver_times_invert_each_other():
