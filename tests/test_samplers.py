@@ -203,20 +203,6 @@ def test_sampler_from_flags_and_the_log_says_respacing_does_not_apply():
     assert sorted(draw.sampler.model_timesteps()) == list(range(7))
 
 
-def test_a_cards_own_respacing_gets_no_line_beside_its_solver(tmp_path):
-    # The default card samples with a solver and keeps --timestep_respacing
-    # 50 for --sampler ddpm: every default run would print that it does not
-    # apply. Only a respacing other than the card's gets the line.
-    model, diffusion = tiny_model()
-    args = _args("--sampler dpmsolver++ --solver_steps 7 --timestep_respacing 4")
-    draw = drawer.make_drawer(args, model, diffusion, None)
-    args.model_path = str(tmp_path / "model.pt")
-    for card_respacing, said in (("4", False), ("50", True)):
-        (tmp_path / "model.json").write_text(json.dumps({"flags": {"timestep_respacing": card_respacing}}))
-        lines = drawer.describe_setup(args, model, draw)
-        assert any("--timestep_respacing 4 does not apply" in line for line in lines) == said
-
-
 def test_sde_solver_draws_each_positions_noise_from_its_own_generator():
     model, diffusion = tiny_model()
     args = _args("--class_cond False --sampler sde-dpmsolver++ --solver_steps 4 --skip_type logSNR --seed 3")

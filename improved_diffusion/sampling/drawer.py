@@ -15,7 +15,6 @@ from typing import Any, Callable, Optional, Tuple
 import torch as th
 
 from .. import dist_util
-from ..checkpoints.model_card import read_model_card
 from ..errors import NonFiniteSamplesError
 from ..guidance.denoiser import ClassifierGuidance, GuidedDenoiser
 from ..run.pictures import AttentionMaskRecorder
@@ -158,11 +157,7 @@ def describe_setup(args, model, drawer, extra=()):
         f"model {args.model_path}: {params:.1f}M parameters, torso in {dtype}",
         f"{sampler.describe()}, seed {args.seed}",
     ]
-    respacing = getattr(args, "timestep_respacing", "")
-    card = read_model_card(getattr(args, "model_path", ""))
-    # A card whose sampler is a solver keeps a respacing for --sampler ddpm:
-    # that one is no news to the user and gets no line.
-    if sampler.schedule is not None and respacing and respacing != card.get("timestep_respacing"):
+    if sampler.schedule is not None and getattr(args, "timestep_respacing", ""):
         lines.append(f"--timestep_respacing {args.timestep_respacing} does not apply to {sampler.name} "
                      f"(it takes --solver_steps {sampler.steps} over the full schedule)")
     if sag is None or sag.scale == 1.0:
