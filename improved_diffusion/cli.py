@@ -145,6 +145,7 @@ def parse_args_with_card(parser, argv=None):
     Parse flags; defaults come from the model card next to ``--model_path``
     (``name.json`` beside ``name.pt``) when there is one, then from the
     command line. Published checkpoints have no card: their flags are passed.
+    ``args.from_card`` lists the flags whose values the card chose.
 
     A card that samples with a solver (``"sampler": "sde-dpmsolver++"``)
     still lets the upstream commands choose upstream's samplers: with
@@ -158,9 +159,12 @@ def parse_args_with_card(parser, argv=None):
     parser.set_defaults(**{k: v for k, v in card.items() if k in known})
     args = parser.parse_args(argv)
     args.model_path = default_model_path(args.model_path)
+    given = flags_given(parser, argv)
     if "sampler" in card and "sampler" in known:
-        if asks_for_upstream_sampler(flags_given(parser, argv)):
+        if asks_for_upstream_sampler(given):
             args.sampler = "ddpm"  # (--use_ddim True then makes it ddim)
+    # Which values the card chose (for the log only; not in the fingerprint).
+    args.from_card = sorted(k for k in card if k in known and k not in given)
     return args
 
 

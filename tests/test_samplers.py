@@ -236,6 +236,27 @@ def test_upstream_sampler_flags_override_a_cards_solver(tmp_path, flags, want):
     assert (sampler_name(args), args.timestep_respacing) == want
 
 
+@pytest.mark.parametrize("flags,told", [
+    ("", False),
+    ("--sampler dpmsolver++", False),
+    ("--sampler dpmsolver++ --timestep_respacing 100", True),
+    ("--sampler dpmsolver++ --timestep_respacing 50", True),
+])
+def test_the_log_tells_of_respacing_only_when_the_user_gave_it(tmp_path, flags, told):
+    """The card's respacing (for --sampler ddpm) is its own; only a respacing on the command line is reported."""
+    from improved_diffusion.run.shards import make_fingerprint
+
+    (tmp_path / "m.json").write_text(json.dumps({"flags": {
+        "sampler": "sde-dpmsolver++", "solver_steps": 5, "timestep_respacing": "50"}}))
+    args = cli.parse_sample_args(image_sample.create_argparser(),
+                                 f"{TINY} --model_path {tmp_path / 'm.pt'} {flags}".split())
+    model, diffusion = tiny_model()
+    draw = drawer.make_drawer(args, model, diffusion, None)
+    lines = drawer.describe_setup(args, model, draw)
+    assert any("does not apply" in line for line in lines) == told, lines
+    assert "from_card" not in make_fingerprint(args, "image_sample", {})
+
+
 SOLVER_FLAGS = f"{TINY} --class_cond True --num_classes 10 --num_samples 6 --seed 4 --skip_type logSNR"
 
 

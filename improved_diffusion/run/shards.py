@@ -24,10 +24,11 @@ from ..files.atomic import atomic_write, sha256_file
 
 FORMAT_VERSION = 1
 SHARD_DIR = "shards"
-# Flags that do not change any sample (or that are replaced by a file hash).
+# Flags that do not change any sample (or that are replaced by a file hash),
+# and cli's note of which values a model card chose.
 NOT_IN_FINGERPRINT = frozenset(
     {"num_samples", "batch_size", "save_attention_masks", "model_path",
-     "classifier_path", "base_samples"}
+     "classifier_path", "base_samples", "from_card"}
 )
 SHARD_RE = re.compile(r"^shard_([0-9a-f]{12})_(\d+)-(\d+)\.npz$")
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

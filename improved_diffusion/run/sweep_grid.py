@@ -151,6 +151,7 @@ def setting_args(fixed, setting):
             setattr(args, flag, value)
     if setting["baseline"]:
         args.guide_scale = BASELINE_SCALE
+    args.from_card = [k for k in getattr(fixed, "from_card", ()) if k not in values]
     # As on a command line (cli.parse_args_with_card).
     if asks_for_upstream_sampler(values):
         args.sampler = "ddpm"

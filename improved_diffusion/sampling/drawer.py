@@ -157,7 +157,9 @@ def describe_setup(args, model, drawer, extra=()):
         f"model {args.model_path}: {params:.1f}M parameters, torso in {dtype}",
         f"{sampler.describe()}, seed {args.seed}",
     ]
-    if sampler.schedule is not None and getattr(args, "timestep_respacing", ""):
+    # A card's respacing (kept for --sampler ddpm) is not the user's to be told about.
+    respacing_given = "timestep_respacing" not in getattr(args, "from_card", ())
+    if sampler.schedule is not None and getattr(args, "timestep_respacing", "") and respacing_given:
         lines.append(f"--timestep_respacing {args.timestep_respacing} does not apply to {sampler.name} "
                      f"(it takes --solver_steps {sampler.steps} over the full schedule)")
     if sag is None or sag.scale == 1.0:
