@@ -187,3 +187,21 @@ def test_the_install_provides_both_packages(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, "not installed? run: pip install -e .\n" + res.stderr[-2000:]
     assert res.stdout.strip().startswith(ROOT), res.stdout
+
+
+def test_the_architecture_doc_names_every_module_of_the_fork():
+    """docs/ARCHITECTURE.md's tree lists each subpackage's modules, under their subpackage."""
+    doc = open(os.path.join(ROOT, "docs", "ARCHITECTURE.md")).read()
+    tree = doc.split("```")[1]
+    listed, folder = set(), None
+    for line in tree.splitlines():
+        m = re.match(r"^  (\S+)/\s", line)
+        if m:
+            folder = m.group(1)
+            continue
+        m = re.match(r"^    (\w+)\.py\s", line)
+        if m and folder:
+            listed.add(f"{folder}.{m.group(1)}")
+    fork = {name for name in package_modules()
+            if "." in name and name.split(".")[0] in ALLOWED and not name.endswith("__init__")}
+    assert fork and fork <= listed, f"not in docs/ARCHITECTURE.md: {sorted(fork - listed)}"
