@@ -41,6 +41,7 @@ seed commands' MODEL_FLAGS and SAG_FLAGS; fashion32 is the embedded default
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -427,6 +428,40 @@ def machine_info(device, threads):
     return info
 
 
+def median_interval(values, level=0.95):
+    """
+    (low, high): a distribution-free interval for the median of `values`,
+    the order statistics x_(j) and x_(n-1-j) (0-based) with the largest j
+    whose coverage 1 - 2 P(Binomial(n, 1/2) <= j) is at least `level`;
+    None when n is too small for any (n < 6 at 0.95).
+    """
+    xs = sorted(values)
+    n = len(xs)
+    tail, best = 0.0, None
+    for j in range(n // 2):
+        tail += math.comb(n, j) / 2 ** n
+        if 1 - 2 * tail < level:
+            break
+        best = (xs[j], xs[n - 1 - j])
+    return best
+
+
+def paired_ratio(results, arch, a, b):
+    """
+    Median over repeats of the per-repeat ratio a / b, with its interval
+    (median_interval); a and b ran next to each other in every repeat, so
+    a change in the machine's speed between repeats cancels.
+    """
+    try:
+        ra, rb = results[arch][a], results[arch][b]
+    except KeyError:
+        return None
+    if ra["single_run"] or rb["single_run"]:
+        return None
+    ratios = [x / y for x, y in zip(ra["per_step"], rb["per_step"])]
+    return statistics.median(ratios), median_interval(ratios)
+
+
 def ratio(results, arch, a, b):
     try:
         return results[arch][a]["median"] / results[arch][b]["median"]
@@ -471,6 +506,16 @@ def markdown(report):
             q = ratio(report["timing"], arch, f"ours/{p}/sag", f"ours/{p}/plain")
             if q:
                 extra.append(f"ours {p} SAG / ours {p} plain = {q:.2f}")
+            paired = paired_ratio(report["timing"], arch, f"ours/{p}/sag", f"ours/{p}/plain")
+            if paired:
+                q, interval = paired
+                extra.append(f"per repeat {q:.3f}" + (
+                    f" (95 % interval for the median {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""))
+            paired = paired_ratio(report["timing"], arch, f"ours/{p}/sag", f"published/{p}/sag")
+            if paired:
+                q, interval = paired
+                extra.append(f"ours {p} SAG / published {p} SAG per repeat {q:.3f}" + (
+                    f" (95 % interval for the median {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""))
         q = ratio(report["timing"], arch, "ours/half/sag", "published/half/sag")
         if q:
             extra.append(f"ours half SAG / published `--use_fp16` SAG = {q:.2f}")
