@@ -145,7 +145,9 @@ def parse_args_with_card(parser, argv=None):
     Parse flags; defaults come from the model card next to ``--model_path``
     (``name.json`` beside ``name.pt``) when there is one, then from the
     command line. Published checkpoints have no card: their flags are passed.
-    ``args.from_card`` lists the flags whose values the card chose.
+    A classifier's card (beside ``--classifier_path``) gives its
+    ``classifier_*`` flags the same way. ``args.from_card`` lists the flags
+    whose values a card chose.
 
     A card that samples with a solver (``"sampler": "sde-dpmsolver++"``)
     still lets the upstream commands choose upstream's samplers: with
@@ -156,7 +158,12 @@ def parse_args_with_card(parser, argv=None):
     pre, _ = parser.parse_known_args(argv)
     card = read_model_card(default_model_path(pre.model_path))
     known = {a.dest for a in parser._actions}
-    parser.set_defaults(**{k: v for k, v in card.items() if k in known})
+    defaults = {k: v for k, v in card.items() if k in known}
+    if getattr(pre, "classifier_path", ""):
+        # The classifier's own architecture; the diffusion's flags are the model's.
+        defaults.update({k: v for k, v in read_model_card(pre.classifier_path).items()
+                         if k.startswith("classifier_") and k in known})
+    parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     args.model_path = default_model_path(args.model_path)
     given = flags_given(parser, argv)
@@ -164,7 +171,7 @@ def parse_args_with_card(parser, argv=None):
         if asks_for_upstream_sampler(given):
             args.sampler = "ddpm"  # (--use_ddim True then makes it ddim)
     # Which values the card chose (for the log only; not in the fingerprint).
-    args.from_card = sorted(k for k in card if k in known and k not in given)
+    args.from_card = sorted(k for k in defaults if k not in given)
     return args
 
 

@@ -243,6 +243,35 @@ def test_classifier_sample_guided_and_unguided(ckpts, tmp_path, capsys, monkeypa
     assert not np.array_equal(a["arr_0"], b["arr_0"])  # the classifier steered
 
 
+def test_classifier_sample_reads_the_classifiers_card(ckpts, tmp_path, capsys, monkeypatch):
+    """A card beside --classifier_path gives the classifier_* flags (and nothing else): the same samples."""
+    import shutil
+
+    clf = dict(classifier_width=32, classifier_depth=1, classifier_attention_resolutions="8",
+               classifier_pool="attention", classifier_use_scale_shift_norm=True,
+               classifier_resblock_updown=True)
+    shutil.copy(ckpts["classifier"], tmp_path / "clf.pt")
+    # The diffusion's flags in a classifier's card are the classifier's training, not the sampling's.
+    (tmp_path / "clf.json").write_text(json.dumps({"flags": dict(
+        clf, timestep_respacing="", noise_schedule="cosine", image_size=32, num_classes=10)}))
+    base = (f"{TINY} --image_size 32 --attention_resolutions 16 --class_cond True --num_classes 10 "
+            f"--timestep_respacing 2 --model_path {ckpts['cond32']} --num_samples 2 --batch_size 2 "
+            "--classifier_guidance True --classifier_scale 5")
+    explicit = " ".join(f"--{k} {v}" for k, v in clf.items())
+    code, err = run_in_process(CLASSIFIER_SAMPLE, f"{base} {explicit} --classifier_path {ckpts['classifier']}",
+                               tmp_path / "flags", capsys, monkeypatch)
+    base += f" --classifier_path {tmp_path / 'clf.pt'}"
+    assert code == 0, err
+    code, err = run_in_process(CLASSIFIER_SAMPLE, base, tmp_path / "card", capsys, monkeypatch)
+    assert code == 0, err
+    a, b = load_npz(npz_files(tmp_path / "flags")[0]), load_npz(npz_files(tmp_path / "card")[0])
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    # A flag on the command line still wins over the card.
+    code, err = run_in_process(CLASSIFIER_SAMPLE, f"{base} --classifier_width 64", tmp_path / "wide",
+                               capsys, monkeypatch)
+    assert code == 2 and "--classifier_width" in err
+
+
 def test_super_res_sample(tmp_path, capsys, monkeypatch):
     from improved_diffusion.script_util import sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 
