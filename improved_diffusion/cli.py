@@ -167,11 +167,12 @@ def parse_args_with_card(parser, argv=None):
     args = parser.parse_args(argv)
     args.model_path = default_model_path(args.model_path)
     given = flags_given(parser, argv)
+    # Which values a card chose (for the log only; not in the fingerprint).
+    args.from_card = sorted(k for k in defaults if k not in given)
     if "sampler" in card and "sampler" in known:
         if asks_for_upstream_sampler(given):
             args.sampler = "ddpm"  # (--use_ddim True then makes it ddim)
-    # Which values the card chose (for the log only; not in the fingerprint).
-    args.from_card = sorted(k for k in defaults if k not in given)
+            args.from_card.remove("sampler")
     return args
 
 

@@ -234,6 +234,7 @@ def test_upstream_sampler_flags_override_a_cards_solver(tmp_path, flags, want):
     args = cli.parse_sample_args(image_sample.create_argparser(),
                                  f"{TINY} --model_path {tmp_path / 'm.pt'} {flags}".split())
     assert (sampler_name(args), args.timestep_respacing) == want
+    assert ("sampler" in args.from_card) == (want[0] == "sde-dpmsolver++")  # the card's, not overridden
 
 
 @pytest.mark.parametrize("flags,told", [
