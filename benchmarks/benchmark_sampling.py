@@ -506,16 +506,13 @@ def markdown(report):
             q = ratio(report["timing"], arch, f"ours/{p}/sag", f"ours/{p}/plain")
             if q:
                 extra.append(f"ours {p} SAG / ours {p} plain = {q:.2f}")
-            paired = paired_ratio(report["timing"], arch, f"ours/{p}/sag", f"ours/{p}/plain")
-            if paired:
-                q, interval = paired
-                extra.append(f"per repeat {q:.3f}" + (
-                    f" (95 % interval for the median {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""))
-            paired = paired_ratio(report["timing"], arch, f"ours/{p}/sag", f"published/{p}/sag")
-            if paired:
-                q, interval = paired
-                extra.append(f"ours {p} SAG / published {p} SAG per repeat {q:.3f}" + (
-                    f" (95 % interval for the median {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""))
+            against = (("", f"ours/{p}/plain"), (f"ours {p} SAG / published {p} SAG ", f"published/{p}/sag"))
+            for label, base in against:
+                paired = paired_ratio(report["timing"], arch, f"ours/{p}/sag", base)
+                if paired:
+                    q, interval = paired
+                    extra.append(f"{label}per repeat {q:.3f}" + (
+                        f" (95 % interval for the median {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""))
         q = ratio(report["timing"], arch, "ours/half/sag", "published/half/sag")
         if q:
             extra.append(f"ours half SAG / published `--use_fp16` SAG = {q:.2f}")
