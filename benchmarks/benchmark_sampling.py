@@ -11,7 +11,11 @@ float32 and half precision, for this fork and for the published SAG code
 Method: the seed commands' schedule (1000 steps respaced to 250, every step
 guided); each variant runs the first n1 and the first n2 steps of sampling
 one batch (``--steps 1,2``), and (time(n2) - time(n1)) / (n2 - n1) is one
-step, start-up cancelled. All variants of an architecture (every precision,
+step, start-up cancelled. ``--timing within`` runs n2 steps once instead and
+takes the clock at the end of each step: (end of step n2 - end of step n1)
+/ (n2 - n1) is one step, without the difference of two runs' start-up and
+their run-to-run spread (use n1 >= 1, so that the first step, which sets
+things up, is left out). All variants of an architecture (every precision,
 implementation and mode) are interleaved, the order reversing every repeat,
 so that a change in the machine's load hits them alike; the median over
 ``--repeats`` is reported. Each variant first runs n1 steps untimed
@@ -212,8 +216,11 @@ class Variant:
 
         return model_fn
 
-    def run(self, steps, seed=0):
-        """The first `steps` steps of sampling one batch; returns the last sample."""
+    def run(self, steps, seed=0, on_step=None):
+        """
+        The first `steps` steps of sampling one batch; returns the last sample.
+        `on_step()`, if given, is called at the end of each step.
+        """
         gen = BatchGenerator(range(seed, seed + self.batch))
         kwargs = {}
         if self.needs_labels:
@@ -225,6 +232,8 @@ class Variant:
             x = gen.randn(self.shape, device=self.device)
             loop = Sampler.ddpm(diffusion)(denoiser, x, kwargs, gen)
             for done, (_, out) in enumerate(loop, 1):
+                if on_step is not None:
+                    on_step()
                 if done == steps:
                     return out["sample"]
         s = ARCHS[self.arch]["sag"]
@@ -233,7 +242,8 @@ class Variant:
             guide_start=0 if self.mode == "plain" else 250, blur_sigma=s["blur_sigma"],
         )
         return sampler.p_sample_loop(
-            self.shape, cond_fn=self.classifier, model_kwargs=kwargs, device=self.device, max_steps=steps
+            self.shape, cond_fn=self.classifier, model_kwargs=kwargs, device=self.device, max_steps=steps,
+            on_step=on_step,
         )
 
     def _published_fn(self):
@@ -274,6 +284,26 @@ def timed(variant, steps):
     return elapsed, faults
 
 
+def timed_within(variant, n1, n2):
+    """
+    One run of n2 steps of `variant`, the clock read at the end of each step:
+    (seconds, page faults) of steps n1 + 1 to n2, and the seconds of each step.
+    """
+    marks = []
+
+    def on_step():
+        sync(variant.device)
+        marks.append((time.perf_counter(), page_faults()))
+
+    sync(variant.device)
+    marks.append((time.perf_counter(), page_faults()))
+    out = variant.run(n2, on_step=on_step)
+    if not th.isfinite(out).all():
+        print(f"warning: {variant.name} produced non-finite samples", file=sys.stderr)
+    steps = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
+    return marks[n2][0] - marks[n1][0], marks[n2][1] - marks[n1][1], steps
+
+
 def build_variants(arch, impls, precision, modes, device, batch, skip=()):
     """The variants of one precision; the modes of an implementation share its models."""
     spec = ARCHS[arch]
@@ -300,8 +330,9 @@ def build_variants(arch, impls, precision, modes, device, batch, skip=()):
     return variants
 
 
-def bench_arch(arch, impls, precisions, modes, device, batch, steps, repeats, slow_s, log, skip=()):
-    """Time every variant of `arch`, all precisions interleaved."""
+def bench_arch(arch, impls, precisions, modes, device, batch, steps, repeats, slow_s, log, skip=(),
+               timing="runs"):
+    """Time every variant of `arch`, all precisions interleaved (`timing`: see the module's docstring)."""
     variants = []
     for precision in precisions:
         variants += build_variants(arch, impls, precision, modes, device, batch, skip)
@@ -323,6 +354,15 @@ def bench_arch(arch, impls, precisions, modes, device, batch, steps, repeats, sl
     for r in range(repeats):
         order = timed_variants if r % 2 == 0 else timed_variants[::-1]
         for v in order:
+            if timing == "within":
+                seconds, faulted, each = timed_within(v, n1, n2)
+                step = seconds / (n2 - n1)
+                per_step[v.name].append(step)
+                faults[v.name].append(faulted / (n2 - n1))
+                raw[v.name].append({"step_seconds": each})
+                log(f"  {arch} {v.name} repeat {r}: steps " + " ".join(f"{t:.2f}" for t in each)
+                    + f" s -> {step:.3f} s/step")
+                continue
             counts = (n1, n2) if r % 2 == 0 else (n2, n1)
             measured = {n: timed(v, n) for n in counts}
             times = {n: measured[n][0] for n in counts}
@@ -480,8 +520,10 @@ def markdown(report):
     lines.append("")
     for arch, res in report["timing"].items():
         batch = report["batch"][arch]
-        lines.append(f"### {arch}, batch {batch}: seconds per step (median of {report['repeats']}, "
-                     f"steps {report['steps'][0]} and {report['steps'][1]})")
+        n1, n2 = report["steps"]
+        how = (f"steps {n1 + 1} to {n2} within each run" if report.get("timing_method") == "within"
+               else f"steps {n1} and {n2}")
+        lines.append(f"### {arch}, batch {batch}: seconds per step (median of {report['repeats']}, {how})")
         lines.append("")
         precisions = sorted({k.split("/")[1] for k in res}, key=PRECISIONS.index)
         impls = [i for i in ("ours", "published") if any(k.startswith(i + "/") for k in res)]
@@ -560,6 +602,9 @@ def main():
     parser.add_argument("--slow_s", type=float, default=120.0,
                         help="a variant whose warm-up (n1 steps) takes longer is timed by that one run")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timing", choices=("runs", "within"), default="runs",
+                        help="runs: one step is the difference of an n1- and an n2-step run; "
+                        "within: the clock at the end of each step of one n2-step run")
     parser.add_argument("--batch", type=int, default=None, help="override every architecture's batch")
     parser.add_argument("--device", default="cuda" if th.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -605,14 +650,15 @@ def main():
     report = dict(
         command="python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
         machine=machine_info(args.device, args.threads), steps=steps, repeats=args.repeats,
-        timing={}, batch={}, memory={}, allocator=args.allocator,
+        timing={}, batch={}, memory={}, allocator=args.allocator, timing_method=args.timing,
     )
     for arch in archs:
         batch = args.batch or ARCHS[arch]["batch"]
         report["batch"][arch] = batch
         log(f"{arch} batch {batch} {','.join(precisions)}")
         report["timing"][arch] = bench_arch(
-            arch, impls, precisions, modes, args.device, batch, steps, args.repeats, args.slow_s, log, skip
+            arch, impls, precisions, modes, args.device, batch, steps, args.repeats, args.slow_s, log, skip,
+            args.timing,
         )
         if args.memory:
             report["memory"][arch] = measure_memory(

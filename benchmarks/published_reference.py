@@ -231,13 +231,19 @@ class PublishedSampler:
         sample = final["mean"] + nonzero_mask * th.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def p_sample_loop(self, shape, cond_fn=None, model_kwargs=None, device="cpu", max_steps=None):
-        """Sample (the first `max_steps` steps only, if given); returns the last sample."""
+    def p_sample_loop(self, shape, cond_fn=None, model_kwargs=None, device="cpu", max_steps=None,
+                      on_step=None):
+        """
+        Sample (the first `max_steps` steps only, if given); returns the last
+        sample. `on_step()`, if given, is called at the end of each step.
+        """
         img = th.randn(*shape, device=device)
         indices = list(reversed(range(self.diffusion.num_timesteps)))[:max_steps]
         for i in indices:
             t = th.tensor([i] * shape[0], device=device)
             with th.no_grad():
                 img = self.p_sample(img, t, cond_fn=cond_fn, model_kwargs=model_kwargs)["sample"]
+            if on_step is not None:
+                on_step()
         return img
 
