@@ -14,8 +14,8 @@ one batch (``--steps 1,2``), and (time(n2) - time(n1)) / (n2 - n1) is one
 step, start-up cancelled. ``--timing within`` runs n2 steps once instead and
 takes the clock at the end of each step: (end of step n2 - end of step n1)
 / (n2 - n1) is one step, without the difference of two runs' start-up and
-their run-to-run spread (use n1 >= 1, so that the first step, which sets
-things up, is left out). All variants of an architecture (every precision,
+their run-to-run spread (n1 >= 1 leaves out the first step, which sets
+things up). All variants of an architecture (every precision,
 implementation and mode) are interleaved, the order reversing every repeat,
 so that a change in the machine's load hits them alike; the median over
 ``--repeats`` is reported. Each variant first runs n1 steps untimed
@@ -345,8 +345,8 @@ def bench_arch(arch, impls, precisions, modes, device, batch, steps, repeats, sl
         with th.no_grad():
             warm, _ = timed(v, n1)  # warm-up
         log(f"  {arch} {v.name} warm-up: {n1} steps {warm:.2f}s")
-        if warm > slow_s:
-            # Minutes per step: one run, start-up included (negligible here).
+        if warm > slow_s or repeats == 0:
+            # Minutes per step (or --repeats 0): one run, start-up included.
             slow.add(v.name)
             per_step[v.name].append(warm / n1)
             raw[v.name].append({n1: warm})
@@ -601,7 +601,8 @@ def main():
     parser.add_argument("--steps", default="1,2", help="two step counts, n1 < n2")
     parser.add_argument("--slow_s", type=float, default=120.0,
                         help="a variant whose warm-up (n1 steps) takes longer is timed by that one run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="0: each variant is timed by its warm-up run alone")
     parser.add_argument("--timing", choices=("runs", "within"), default="runs",
                         help="runs: one step is the difference of an n1- and an n2-step run; "
                         "within: the clock at the end of each step of one n2-step run")
@@ -631,13 +632,18 @@ def main():
         keep_freed_memory()
     if args.threads:
         th.set_num_threads(args.threads)
-    steps = tuple(int(s) for s in args.steps.split(","))
+    try:
+        steps = tuple(int(s) for s in args.steps.split(","))
+    except ValueError:
+        parser.error(f"--steps takes two step counts n1,n2, e.g. 1,2; got {args.steps!r}")
 
     if args.memory_child:
         arch, impl, precision, mode = args.memory_child.split(",")
         batch = args.batch or ARCHS[arch]["batch"]
         print(json.dumps(memory_child(arch, impl, precision, mode, args.device, batch, steps[0])))
         return
+    if len(steps) != 2 or steps[0] < 1 or (args.repeats > 0 and steps[0] >= steps[1]):
+        parser.error(f"--steps takes two step counts n1,n2 with 1 <= n1 < n2, got {args.steps!r}")
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
