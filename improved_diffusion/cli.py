@@ -132,6 +132,15 @@ def asks_for_upstream_sampler(given):
     return "sampler" not in given and ("timestep_respacing" in given or bool(given.get("use_ddim")))
 
 
+def use_upstream_sampler(args):
+    """
+    Sample with upstream's samplers (ddpm; --use_ddim True then makes it
+    ddim) instead of a card's solver, which then no longer chose the sampler.
+    """
+    args.sampler = "ddpm"
+    args.from_card = [k for k in getattr(args, "from_card", ()) if k != "sampler"]
+
+
 def flags_given(parser, argv=None):
     """The flags that `argv` sets itself (not through a default): {dest: value}."""
     unset = object()
@@ -169,10 +178,8 @@ def parse_args_with_card(parser, argv=None):
     given = flags_given(parser, argv)
     # Which values a card chose (for the log only; not in the fingerprint).
     args.from_card = sorted(k for k in defaults if k not in given)
-    if "sampler" in card and "sampler" in known:
-        if asks_for_upstream_sampler(given):
-            args.sampler = "ddpm"  # (--use_ddim True then makes it ddim)
-            args.from_card.remove("sampler")
+    if "sampler" in card and "sampler" in known and asks_for_upstream_sampler(given):
+        use_upstream_sampler(args)
     return args
 
 

@@ -8,7 +8,7 @@ each setting. Every setting is an ordinary sampling run of its own.
 import argparse
 import itertools
 
-from ..cli import asks_for_upstream_sampler, validate_sample_args
+from ..cli import asks_for_upstream_sampler, use_upstream_sampler, validate_sample_args
 from ..errors import UsageError, pure_usage_error
 
 # Flags that only act through a second SAG pass: none of them changes a
@@ -154,7 +154,7 @@ def setting_args(fixed, setting):
     args.from_card = [k for k in getattr(fixed, "from_card", ()) if k not in values]
     # As on a command line (cli.parse_args_with_card).
     if asks_for_upstream_sampler(values):
-        args.sampler = "ddpm"
+        use_upstream_sampler(args)
     return args
 
 
